@@ -1,0 +1,260 @@
+"""The agent (MLLM): a causal LM plus an input and an output resampler.
+
+- input_resampler: ViT-space image features [N, 256, D_vit] -> [N, n_slots, H], written into the n_slots
+  embedding positions between ``<img>`` and ``</img>`` of context images.
+- output_resampler: the LM's final (post-norm) hidden states at the n_slots positions of a generated
+  image block [N, n_slots, H] -> ViT-space features [N, 256, D_vit], which both condition the
+  de-tokenizer and re-enter the context as that frame's image.
+
+Training (``forward``) returns LM loss + cosine regression loss. Generation is split into primitives
+(``prefill``, ``decode_text``, ``image_block``) that the story engine composes and caches.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tokens import ImageTokenIds
+from .kv import KV, run_decoder
+from .qwen_resampler import QwenResampler
+
+
+def cosine_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(rec, target) along the feature axis."""
+    return (1 - F.cosine_similarity(rec.float(), target.float(), dim=-1, eps=0.0)).mean()
+
+
+@dataclass
+class DecodingConfig:
+    """Text decoding: greedy as the release, or sampling with temperature / top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 120
+    # The release ends a story when EOS comes instead of a new frame; we never let a frame start with it.
+    min_new_tokens: int = 1
+
+
+@dataclass
+class TextResult:
+    ids: list[int]
+    stop: str  # "image" (the model opened an image), "eos" or "length"
+    kv: KV
+    next_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # [V] after the last fed token
+
+
+class SeedStoryAgent(nn.Module):
+    config_name = "agent_config.json"
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        input_resampler: QwenResampler,
+        output_resampler: QwenResampler,
+        lm_loss_scale: float = 1.0,
+        rec_loss_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.llm = llm
+        self.input_resampler = input_resampler
+        self.output_resampler = output_resampler
+        self.lm_loss_scale = lm_loss_scale
+        self.rec_loss_scale = rec_loss_scale
+
+    @property
+    def num_img_tokens(self) -> int:
+        return self.input_resampler.num_queries
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    # -- embeddings ----------------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: Optional[torch.Tensor] = None,
+        ids_cmp_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, L, H] with context image slots replaced by resampled features.
+
+        image_embeds: [N, 256, D_vit], one per block marked in ``ids_cmp_mask`` (in order).
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if image_embeds is not None and ids_cmp_mask is not None and ids_cmp_mask.any():
+            feats = self.input_resampler(image_embeds.to(self.input_resampler.query.dtype))
+            feats = feats.reshape(-1, embeds.shape[-1])
+            if feats.shape[0] != int(ids_cmp_mask.sum()):
+                raise ValueError(
+                    f"{image_embeds.shape[0]} images give {feats.shape[0]} slot embeddings but the ids have "
+                    f"{int(ids_cmp_mask.sum())} context slots"
+                )
+            embeds = embeds.masked_scatter(ids_cmp_mask.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        image_embeds: Optional[torch.Tensor],
+        embeds_gen_mask: Optional[torch.Tensor],
+        embeds_cmp_mask: Optional[torch.Tensor],
+        ids_gen_mask: Optional[torch.Tensor],
+        ids_cmp_mask: Optional[torch.Tensor],
+        return_recon_image_embeds: bool = False,
+    ) -> dict:
+        """Stage-2 objective: ``lm_loss_scale * LM loss + rec_loss_scale * cosine regression loss``.
+
+        image_embeds [N, 256, D_vit] are the ViT features of every image in the batch, in order;
+        ``embeds_cmp_mask``/``embeds_gen_mask`` [N] say which are context inputs and which are targets.
+        """
+        cmp_embeds = None
+        if image_embeds is not None and embeds_cmp_mask is not None and embeds_cmp_mask.any():
+            cmp_embeds = image_embeds[embeds_cmp_mask]
+        inputs_embeds = self.embed(input_ids, cmp_embeds, ids_cmp_mask)
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        lm_loss = out.loss if out.loss is not None else inputs_embeds.new_zeros(())
+        result = {"lm_loss": lm_loss, "logits": out.logits}
+        has_target = image_embeds is not None and embeds_gen_mask is not None and embeds_gen_mask.any()
+        if has_target:
+            target = image_embeds[embeds_gen_mask]  # [n_gen, 256, D_vit]
+            hidden = out.hidden_states[-1][ids_gen_mask].view(target.shape[0], -1, inputs_embeds.shape[-1])
+            recon = self.output_resampler(hidden.to(self.output_resampler.query.dtype))
+            rec_loss = cosine_loss(recon, target)
+            if return_recon_image_embeds:
+                result["recon_image_embeds"] = recon
+        else:
+            # Keep the output resampler in the graph so data-parallel training sees every parameter.
+            rec_loss = sum(p.sum() for p in self.output_resampler.parameters() if p.requires_grad) * 0.0
+        result["rec_loss"] = rec_loss
+        result["total_loss"] = self.lm_loss_scale * lm_loss + self.rec_loss_scale * rec_loss
+        return result
+
+    # -- generation primitives -------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: Optional[torch.Tensor] = None,
+        ids_cmp_mask: Optional[torch.Tensor] = None,
+        kv: Optional[KV] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Feed ids (context image slots filled from ``image_embeds``) after ``kv``.
+
+        Returns (logits for the next token [V], final hidden states [L, H], new kv).
+        """
+        input_ids = input_ids.to(self.device).reshape(1, -1)
+        if ids_cmp_mask is not None:
+            ids_cmp_mask = ids_cmp_mask.to(self.device).reshape(1, -1)
+        embeds = self.embed(input_ids, image_embeds.to(self.device) if image_embeds is not None else None, ids_cmp_mask)
+        hidden, kv = run_decoder(self.llm, embeds, kv, position_ids)
+        logits = self.llm.get_output_embeddings()(hidden[:, -1]).float()[0]
+        return logits, hidden[0], kv
+
+    def _pick(self, logits: torch.Tensor, cfg: DecodingConfig, generator: Optional[torch.Generator]) -> int:
+        if not cfg.do_sample or cfg.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / cfg.temperature, dim=-1)
+        if cfg.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+    @torch.no_grad()
+    def decode_text(
+        self,
+        logits: torch.Tensor,
+        kv: KV,
+        image_ids: ImageTokenIds,
+        eos_id: int,
+        cfg: DecodingConfig,
+        generator: Optional[torch.Generator] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> TextResult:
+        """Decode text from ``logits`` until the model opens an image (``<img>``), emits EOS, or hits
+        ``max_new_tokens``. The image-block tokens other than ``<img>`` are never chosen here; the
+        chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once)."""
+        banned = torch.tensor(sorted(image_ids.all - {image_ids.boi}), device=logits.device)
+        ids: list[int] = []
+        while True:
+            step_logits = logits.clone()
+            step_logits[banned] = float("-inf")
+            if len(ids) < cfg.min_new_tokens:
+                step_logits[eos_id] = float("-inf")
+                step_logits[image_ids.boi] = float("-inf")
+            token = self._pick(step_logits, cfg, generator)
+            if token == image_ids.boi:
+                return TextResult(ids, "image", kv, logits)
+            if token == eos_id:
+                return TextResult(ids, "eos", kv, logits)
+            ids.append(token)
+            if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
+                # Feed it so the cache holds all text; the caller forces the image block next.
+                logits, _, kv = self.prefill(torch.tensor([token]), kv=kv)
+                return TextResult(ids, "length", kv, logits)
+            logits, _, kv = self.prefill(torch.tensor([token]), kv=kv)
+
+    @torch.no_grad()
+    def image_block(self, kv: KV, image_ids: ImageTokenIds) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Feed ``<img>``, the n image tokens and ``</img>`` in one pass (the release forces them one by
+        one; the result is the same). Returns (features [1, 256, D_vit] from the output resampler on the
+        post-norm hidden states at the n image-token positions, logits after ``</img>`` [V], new kv)."""
+        block = torch.tensor(image_ids.block)
+        logits, hidden, kv = self.prefill(block, kv=kv)
+        slots = hidden[1 : 1 + len(image_ids.img)].unsqueeze(0)  # [1, n, H]
+        features = self.output_resampler(slots.to(self.output_resampler.query.dtype))
+        return features, logits, kv
+
+    # -- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.llm.save_pretrained(os.path.join(path, "llm"), safe_serialization=safe_serialization)
+        self.input_resampler.save_pretrained(os.path.join(path, "input_resampler"))
+        self.output_resampler.save_pretrained(os.path.join(path, "output_resampler"))
+        with open(os.path.join(path, self.config_name), "w") as f:
+            json.dump({"lm_loss_scale": self.lm_loss_scale, "rec_loss_scale": self.rec_loss_scale}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **llm_kwargs) -> "SeedStoryAgent":
+        from transformers import AutoModelForCausalLM
+
+        cfg_path = os.path.join(path, cls.config_name)
+        extra = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        llm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "llm"), dtype=torch_dtype, **llm_kwargs)
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        inp = QwenResampler.from_pretrained(os.path.join(path, "input_resampler"), **kw)
+        out = QwenResampler.from_pretrained(os.path.join(path, "output_resampler"), **kw)
+        return cls(llm, inp, out, **extra).eval()
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SeedStoryAgent":
+        """Random init from a plain dict: ``llm`` (LlamaConfig kwargs), ``input_resampler`` and
+        ``output_resampler`` (QwenResampler kwargs), optional loss scales."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = dict(config)
+        llm = LlamaForCausalLM(LlamaConfig(**config.pop("llm")))
+        inp = QwenResampler(**config.pop("input_resampler"))
+        out = QwenResampler(**config.pop("output_resampler"))
+        return cls(llm, inp, out, **config)
