@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tokens import ImageTokenIds
-from .kv import KV, run_decoder
+from .kv import KV, kv_length, run_decoder
 from .qwen_resampler import QwenResampler
 
 
@@ -157,16 +157,21 @@ class SeedStoryAgent(nn.Module):
         image_embeds: Optional[torch.Tensor] = None,
         ids_cmp_mask: Optional[torch.Tensor] = None,
         kv: Optional[KV] = None,
-        position_ids: Optional[torch.Tensor] = None,
+        start_pos: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KV]:
         """Feed ids (context image slots filled from ``image_embeds``) after ``kv``.
 
+        ``start_pos`` is the RoPE position of the first new id; by default the cache length. It differs
+        from the cache length once old frames have been evicted from the cache.
         Returns (logits for the next token [V], final hidden states [L, H], new kv).
         """
         input_ids = input_ids.to(self.device).reshape(1, -1)
         if ids_cmp_mask is not None:
             ids_cmp_mask = ids_cmp_mask.to(self.device).reshape(1, -1)
         embeds = self.embed(input_ids, image_embeds.to(self.device) if image_embeds is not None else None, ids_cmp_mask)
+        position_ids = None
+        if start_pos is not None:
+            position_ids = torch.arange(start_pos, start_pos + input_ids.shape[1], device=self.device)[None]
         hidden, kv = run_decoder(self.llm, embeds, kv, position_ids)
         logits = self.llm.get_output_embeddings()(hidden[:, -1]).float()[0]
         return logits, hidden[0], kv
@@ -191,11 +196,13 @@ class SeedStoryAgent(nn.Module):
         cfg: DecodingConfig,
         generator: Optional[torch.Generator] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        start_pos: Optional[int] = None,
     ) -> TextResult:
         """Decode text from ``logits`` until the model opens an image (``<img>``), emits EOS, or hits
         ``max_new_tokens``. The image-block tokens other than ``<img>`` are never chosen here; the
         chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once)."""
         banned = torch.tensor(sorted(image_ids.all - {image_ids.boi}), device=logits.device)
+        pos = kv_length(kv) if start_pos is None else start_pos
         ids: list[int] = []
         while True:
             step_logits = logits.clone()
@@ -209,19 +216,20 @@ class SeedStoryAgent(nn.Module):
             if token == eos_id:
                 return TextResult(ids, "eos", kv, logits)
             ids.append(token)
+            logits, _, kv = self.prefill(torch.tensor([token]), kv=kv, start_pos=pos)
+            pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
-                # Feed it so the cache holds all text; the caller forces the image block next.
-                logits, _, kv = self.prefill(torch.tensor([token]), kv=kv)
                 return TextResult(ids, "length", kv, logits)
-            logits, _, kv = self.prefill(torch.tensor([token]), kv=kv)
 
     @torch.no_grad()
-    def image_block(self, kv: KV, image_ids: ImageTokenIds) -> tuple[torch.Tensor, torch.Tensor, KV]:
+    def image_block(
+        self, kv: KV, image_ids: ImageTokenIds, start_pos: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, KV]:
         """Feed ``<img>``, the n image tokens and ``</img>`` in one pass (the release forces them one by
         one; the result is the same). Returns (features [1, 256, D_vit] from the output resampler on the
         post-norm hidden states at the n image-token positions, logits after ``</img>`` [V], new kv)."""
         block = torch.tensor(image_ids.block)
-        logits, hidden, kv = self.prefill(block, kv=kv)
+        logits, hidden, kv = self.prefill(block, kv=kv, start_pos=start_pos)
         slots = hidden[1 : 1 + len(image_ids.img)].unsqueeze(0)  # [1, n, H]
         features = self.output_resampler(slots.to(self.output_resampler.query.dtype))
         return features, logits, kv

@@ -1,0 +1,154 @@
+"""Command line: ``python -m seedstory <command>``.
+
+    generate   tell a story from a picture and an opening text
+    convert    turn the released SEED-Story files into our from_pretrained format
+    export     write a saved story as a comic page, HTML, PDF, GIF or zip
+    presets    list the model presets
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import PresetError, list_presets, load_preset, resolve_path
+from .image_processing import ImageError
+from .story import StoryError
+
+
+def default_preset() -> str:
+    """The shipped demo model when its weights are present, else the tiny random preset."""
+    if "demo" in list_presets():
+        cfg = load_preset("demo")
+        if os.path.isdir(resolve_path(cfg.get("path", ""))):
+            return "demo"
+    return "tiny"
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults come from the preset)")
+    g.add_argument("--seed", type=int, help="seed for text sampling and painting (same seed, same story)")
+    g.add_argument("--sample", action="store_true", help="sample the text instead of greedy decoding")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--max-new-tokens", type=int, help="longest text per frame, in tokens")
+    g.add_argument("--steps", type=int, help="diffusion steps per image")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    g.add_argument("--scheduler", help="euler (default), dpm++ (fast), euler_a, ddim, unipc, ...")
+    g.add_argument("--window", type=int, help="frames kept in context (default 8)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--sink", action="store_const", const="sink", dest="mode",
+                      help="long-story mode: keep an attention sink for evicted frames")
+    mode.add_argument("--mode", choices=["window", "sink", "recompute"], help="how the context is kept (default window)")
+
+
+def _settings_from_args(pipe, args):
+    return pipe.settings.replace(
+        seed=args.seed, do_sample=True if args.sample else None, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        scheduler=args.scheduler, window=args.window,
+    )
+
+
+def cmd_generate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .engine import StoryEngine
+    from .image_processing import load_image
+    from .pipeline import SeedStoryPipeline
+    from .storage import save_story
+
+    if args.frames < 1:
+        raise StoryError("--frames must be at least 1")
+    image = load_image(args.image)  # fail fast, before loading models
+    if not args.text or not args.text.strip():
+        raise StoryError("the opening text is empty")
+    pipe = SeedStoryPipeline.from_preset(args.preset or default_preset(), args.set)
+    settings = _settings_from_args(pipe, args)
+    pipe.settings = settings
+    engine = StoryEngine(pipe, mode=args.mode or "window", window=settings.window)
+    tree = engine.start(image, args.text)
+    bar = tqdm(total=args.frames, desc="frames", unit="frame")
+    for _ in range(args.frames):
+        frame = engine.step(tree, settings=settings)
+        bar.set_postfix_str(frame.text[:40])
+        bar.update(1)
+    bar.close()
+    out = save_story(tree, args.out, model_name=pipe.name)
+    print(f"wrote {len(tree.path())} frames to {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints.release import convert_release
+
+    out = convert_release(args.release, args.out, preset=args.preset, overwrite=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import FORMATS, export_story
+    from .storage import load_story
+
+    tree = load_story(args.story)
+    out = args.out or os.path.splitext(args.story.rstrip("/"))[0] + FORMATS[args.format]
+    export_story(tree, args.format, out, frame_id=args.frame)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name in list_presets():
+        cfg = load_preset(name)
+        print(f"{name:22s} {cfg.get('source', 'random'):10s} {cfg.get('description', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m seedstory", description="SEED-Story: multimodal long stories")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="tell a story from a picture and an opening text")
+    p.add_argument("--preset", help=f"model preset ({', '.join(list_presets())}); default: demo if present, else tiny")
+    p.add_argument("--image", required=True, help="the opening picture")
+    p.add_argument("--text", required=True, help="the opening text")
+    p.add_argument("--frames", type=int, default=4, help="frames to generate after the opening")
+    p.add_argument("--out", required=True, help="output folder (or .zip): story.json + one PNG per frame")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. runtime.dtype=bf16")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert the released weights to our from_pretrained format")
+    p.add_argument("--release", default="./pretrained", help="folder holding the released files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", default="seed-story-george", help="release preset naming the files")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a saved story")
+    p.add_argument("story", help="a saved story folder or .zip")
+    p.add_argument("--format", required=True, choices=["comic", "html", "pdf", "gif", "zip"])
+    p.add_argument("--out", help="output file (default: next to the story)")
+    p.add_argument("--frame", type=int, help="export the path ending at this frame (default: the current one)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ImageError, StoryError, PresetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .checkpoints import CheckpointError  # imported late: optional heavy deps
+
+        if isinstance(e, CheckpointError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,103 @@
+"""Presets: YAML files under ``configs/presets`` (omegaconf), data not code.
+
+A preset names where weights come from (``source``: ``random`` for tiny test models, ``pretrained``
+for a directory in our own format, ``release`` for the official SEED-Story files) plus component sizes,
+generation defaults and runtime options (dtype, device, offload, quantization).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET_DIR = os.path.join(REPO_ROOT, "configs", "presets")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class PresetError(ValueError):
+    pass
+
+
+def list_presets() -> list[str]:
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str, overrides: Optional[list[str] | dict] = None) -> DictConfig:
+    """Load a preset by name (``tiny``) or path, with dotted overrides (``["runtime.dtype=bf16"]``)."""
+    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, name_or_path + ".yaml")
+    if not os.path.isfile(path):
+        raise PresetError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets()) or 'none'}")
+    cfg = OmegaConf.load(path)
+    if overrides:
+        extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
+        cfg = OmegaConf.merge(cfg, extra)
+    cfg.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return cfg
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths in presets are relative to the repository root, so presets work from any cwd."""
+    return path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+
+
+def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise PresetError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16, auto")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32  # fp16 matmuls are slow or missing on CPU
+    return dtype
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+@dataclass
+class GenerationSettings:
+    """Per-call generation settings with the preset's defaults."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "euler"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seed: int = 42
+    window: int = 8
+    max_new_tokens: int = 120
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_frames: int = 50
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "GenerationSettings":
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise PresetError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "GenerationSettings":
+        data = asdict(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return GenerationSettings(**data)

@@ -1,0 +1,444 @@
+"""The story engine: every operation a person performs on a story, on top of a SeedStoryPipeline.
+
+``start`` makes an opening frame from a picture and text; ``step`` writes and paints the next frame;
+``regenerate`` replaces a frame by a new sibling (new text, new picture or both); ``edit_text`` replaces
+a frame's text and recomputes its picture; ``branch`` adds another child; ``delete`` removes a subtree.
+
+Context (FORMATS §5): each frame's picture enters the LM as its features; the last ``window`` frames
+stay in context. Three ways to maintain it:
+
+- ``recompute``: rebuild ``[BOS] + window`` from scratch every frame (the release's plain script).
+- ``window``: keep the KV cache; when a frame leaves the window its cache entries are dropped (the
+  BOS stays); positions keep counting, so relative distances stay true.
+- ``sink``: as ``window``, but for each evicted frame a few tokens around its ``<img>`` and
+  ``</img>`` stay, as do the first tokens of the story (the release's ``img_head_tail`` sink).
+
+The state after each frame is cached per frame (a ``KVStore`` bounded in bytes, least recently used
+out), so stepping, regenerating or branching from frame k reuses its prefix instead of recomputing it.
+Until the window is full, ``window``/``sink`` states are exactly the ``recompute`` state.
+"""
+from __future__ import annotations
+
+import random
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from PIL import Image
+
+from .config import GenerationSettings
+from .image_processing import ImageInput, load_image
+from .models.agent import DecodingConfig
+from .models.kv import KV, kv_nbytes, kv_select
+from .pipeline import SeedStoryPipeline
+from .story import Frame, StoryError, StoryTree
+from .tokens import neutralize_text
+
+MODES = ("recompute", "window", "sink")
+MAX_TEXT_CHARS = 2000
+Progress = Callable[[str, float], None]  # (stage, fraction of this frame done)
+
+
+@dataclass
+class ContextState:
+    """The LM state right after a frame's ``</img>``: ready to write the next frame."""
+
+    kv: KV = field(repr=False)
+    logits: torch.Tensor = field(repr=False)  # [V] next-token logits
+    next_pos: int  # RoPE position of the next token
+    # Cache layout: ``n_fixed`` never-evicted entries, then one span per frame still in context:
+    # (frame id, length, boi offset, eoi offset, entries at its start to keep if it is evicted).
+    n_fixed: int
+    spans: list = field(default_factory=list)
+    evicted: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return kv_nbytes(self.kv)
+
+
+class KVStore:
+    """Context states keyed by (story, frame, mode), least recently used out beyond a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key) -> Optional[ContextState]:
+        with self._lock:
+            state = self._items.get(key)
+            if state is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return state
+
+    def put(self, key, state: ContextState) -> None:
+        with self._lock:
+            self._items[key] = state
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and self.nbytes > self.budget:
+                self._items.popitem(last=False)
+
+    def drop(self, predicate) -> None:
+        with self._lock:
+            for key in [k for k in self._items if predicate(k)]:
+                del self._items[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class SinkConfig:
+    """Tokens kept for each evicted frame, as the release's ``img_head_tail`` mode: the first
+    ``start`` tokens of the story, and [boi-before_boi, boi+after_boi) and [eoi-before_eoi, eoi+after_eoi)."""
+
+    start: int = 4
+    before_boi: int = 4
+    after_boi: int = 8
+    before_eoi: int = 8
+    after_eoi: int = 4
+
+
+class StoryEngine:
+    def __init__(
+        self,
+        pipeline: SeedStoryPipeline,
+        mode: str = "window",
+        window: Optional[int] = None,
+        kv_budget_bytes: int = 2 * 1024**3,
+        sink: Optional[SinkConfig] = None,
+        max_frames: Optional[int] = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown context mode {mode!r}; use one of {', '.join(MODES)}")
+        self.pipe = pipeline
+        self.mode = mode
+        self.window = window or pipeline.settings.window
+        if self.window < 1:
+            raise ValueError("the context window must hold at least one frame")
+        self.sink = sink or SinkConfig()
+        self.max_frames = max_frames or pipeline.settings.max_frames
+        self.store = KVStore(kv_budget_bytes)
+        self.lock = threading.RLock()  # one model call at a time per engine
+        llm_cfg = pipeline.agent.llm.config
+        self.max_positions = getattr(llm_cfg, "max_position_embeddings", None) or 4096
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def prompt(self):
+        return self.pipe.prompt
+
+    def _settings(self, settings: Optional[GenerationSettings], **changes) -> GenerationSettings:
+        return (settings or self.pipe.settings).replace(**changes)
+
+    @staticmethod
+    def _new_seed() -> int:
+        return random.SystemRandom().randrange(2**31)
+
+    def _clean_text(self, text: str) -> str:
+        if text is None:
+            raise StoryError("the text is empty")
+        cleaned = neutralize_text(text)
+        if not cleaned:
+            raise StoryError("the text is empty")
+        if len(cleaned) > MAX_TEXT_CHARS:
+            raise StoryError(f"the text is {len(cleaned)} characters long; the limit is {MAX_TEXT_CHARS}")
+        return cleaned
+
+    def _check_room(self, tree: StoryTree, parent_id: int) -> None:
+        if tree.depth(parent_id) >= self.max_frames:
+            raise StoryError(
+                f"this story has reached the limit of {self.max_frames} frames on one path; "
+                "branch from an earlier frame or start a new story"
+            )
+
+    def display_text(self, text_ids: list[int]) -> str:
+        text = self.pipe.tokenizer.decode(text_ids, skip_special_tokens=True)
+        return re.sub(r"^\s*\[INST\]\s*", "", text).strip()
+
+    def _key(self, tree: StoryTree, frame_id: int):
+        return (tree.uid, frame_id, self.mode, self.window)
+
+    # -- context states ---------------------------------------------------------------------------
+    def _fresh_state(self, frames: list[Frame]) -> ContextState:
+        """``[BOS]`` + frames, the first in its opening form: what the release feeds every frame."""
+        agent, prompt = self.pipe.agent, self.prompt
+        first = frames[0]
+        first_ids = first.token_ids if first.parent is None else prompt.frame_ids(first.text, first=True)
+        ids = [prompt.bos_id] + first_ids
+        spans = [self._span(first.id, first_ids)]
+        for f in frames[1:]:
+            spans.append(self._span(f.id, f.token_ids))
+            ids += f.token_ids
+        ids_t = torch.tensor(ids)
+        feats = torch.cat([f.features for f in frames]).to(agent.device)
+        logits, _, kv = agent.prefill(ids_t, feats, prompt.image_slot_mask(ids_t), start_pos=0)
+        return ContextState(kv=kv, logits=logits, next_pos=len(ids), n_fixed=1, spans=spans)
+
+    def _span(self, frame_id: int, ids: list[int]) -> tuple:
+        boi = ids.index(self.prompt.image_ids.boi)
+        eoi = ids.index(self.prompt.image_ids.eoi)
+        return (frame_id, len(ids), boi, eoi, 0)
+
+    def _extend(self, state: ContextState, frame: Frame) -> ContextState:
+        """The state after ``frame`` follows ``state``: feed its ids, then evict beyond the window."""
+        agent, prompt = self.pipe.agent, self.prompt
+        ids = torch.tensor(frame.token_ids)
+        if state.next_pos + len(ids) + 512 > self.max_positions:
+            raise _NeedsRebuild()
+        logits, _, kv = agent.prefill(
+            ids, frame.features.to(agent.device), prompt.image_slot_mask(ids), kv=state.kv, start_pos=state.next_pos
+        )
+        new = ContextState(kv, logits, state.next_pos + len(ids), state.n_fixed,
+                           state.spans + [self._span(frame.id, frame.token_ids)], state.evicted)
+        while len(new.spans) > self.window:
+            new = self._evict_oldest(new)
+        return new
+
+    def _evict_oldest(self, state: ContextState) -> ContextState:
+        (fid, length, boi, eoi, keep_head), *rest = state.spans
+        start = state.n_fixed
+        keep_local: list[int] = []
+        if self.mode == "sink":
+            s = self.sink
+            keep = set(range(keep_head))
+            if state.evicted == 0:
+                keep |= set(range(max(0, s.start - state.n_fixed)))
+            keep |= set(range(boi - s.before_boi, boi + s.after_boi))
+            keep |= set(range(eoi - s.before_eoi, eoi + s.after_eoi))
+            keep_local = sorted(i for i in keep if 0 <= i < length)
+            spill = eoi + s.after_eoi - length
+            if rest and spill > 0:
+                # The tokens right after </img> open the next frame: they survive its eviction.
+                f2, l2, b2, e2, h2 = rest[0]
+                rest[0] = (f2, l2, b2, e2, max(h2, spill))
+        total = state.kv[0][0].shape[-2]
+        index = list(range(start)) + [start + i for i in keep_local] + list(range(start + length, total))
+        kv = kv_select(state.kv, index)
+        return ContextState(kv, state.logits, state.next_pos, start + len(keep_local), rest, state.evicted + 1)
+
+    def state_after(self, tree: StoryTree, frame_id: int) -> ContextState:
+        """The context state right after ``frame_id``, from the store or built from the nearest cached
+        ancestor (or from scratch)."""
+        path = tree.path(frame_id)
+        if self.mode == "recompute":
+            return self._fresh_state(path[-self.window:])
+        key = self._key(tree, frame_id)
+        state = self.store.get(key)
+        if state is not None:
+            return state
+        # Walk up to the nearest cached ancestor, then forward again.
+        start = 0
+        state = None
+        for i in range(len(path) - 2, -1, -1):
+            state = self.store.get(self._key(tree, path[i].id))
+            if state is not None:
+                start = i + 1
+                break
+        try:
+            if state is None:
+                state = self._fresh_state(path[:1])
+                self.store.put(self._key(tree, path[0].id), state)
+                start = 1
+            for frame in path[start:]:
+                state = self._extend(state, frame)
+                self.store.put(self._key(tree, frame.id), state)
+        except _NeedsRebuild:
+            # Positions would leave the trained range: restart them on the current window.
+            state = self._fresh_state(path[-self.window:])
+            self.store.put(key, state)
+        return state
+
+    # -- generation core ------------------------------------------------------------------------------
+    def _write(
+        self,
+        state: ContextState,
+        settings: GenerationSettings,
+        seed: int,
+        text: Optional[str] = None,
+        progress: Optional[Progress] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> tuple[str, list[int], torch.Tensor]:
+        """Write (or take) a frame's text and compute its picture's features. Returns
+        (display text, the frame's ids, features [1, n, D] on CPU)."""
+        agent, prompt = self.pipe.agent, self.prompt
+        if text is None:
+            generator = torch.Generator().manual_seed(seed)
+            cfg = DecodingConfig(settings.do_sample, settings.temperature, settings.top_p, settings.max_new_tokens)
+            if progress:
+                progress("writing text", 0.0)
+            result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
+                                       should_stop=should_stop, start_pos=state.next_pos)
+            text_ids, kv = result.ids, result.kv
+            text = self.display_text(text_ids)
+        else:
+            text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]
+            _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.kv, start_pos=state.next_pos)
+        features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
+        return text, text_ids + prompt.image_ids.block, features.float().cpu()
+
+    def _paint(self, features, seed, settings, progress=None) -> Image.Image:
+        if progress:
+            progress("painting image", 0.5)
+        callback = (lambda i, n: progress("painting image", 0.5 + 0.5 * (i + 1) / n)) if progress else None
+        return self.pipe.paint(features, seed=seed, settings=settings, callback=callback)
+
+    def _add(self, tree: StoryTree, parent: Optional[int], text, image, features, token_ids, seed, settings, origin,
+             select=True) -> Frame:
+        frame = Frame(id=tree.new_id(), parent=parent, text=text, image=image, features=features,
+                      token_ids=token_ids, seed=seed, settings=asdict(settings), origin=origin)
+        return tree.add(frame, select=select)
+
+    # -- operations -------------------------------------------------------------------------------------
+    def start(self, image: ImageInput, text: str, tree: Optional[StoryTree] = None) -> StoryTree:
+        """A new story (or a new opening in ``tree``) from the person's picture and text."""
+        image = load_image(image)
+        text = self._clean_text(text)
+        ids = self.prompt.frame_ids(text, first=True)
+        if len(ids) + 1 > self.max_positions // 2:
+            raise StoryError("the opening text is too long for this model")
+        with self.lock:
+            features = self.pipe.encode_image(image)
+        tree = tree or StoryTree()
+        self._add(tree, None, text, image, features, ids, None, self.pipe.settings, "opening")
+        return tree
+
+    def step(
+        self,
+        tree: StoryTree,
+        frame_id: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        seed: Optional[int] = None,
+        progress: Optional[Progress] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        origin: str = "generated",
+    ) -> Frame:
+        """Write and paint the next frame after ``frame_id`` (default: the current frame)."""
+        parent = tree.get(tree.current if frame_id is None else frame_id)
+        self._check_room(tree, parent.id)
+        settings = self._settings(settings)
+        seed = settings.seed if seed is None else seed
+        with self.lock:
+            state = self.state_after(tree, parent.id)
+            text, ids, features = self._write(state, settings, seed, progress=progress, should_stop=should_stop)
+            image = self._paint(features, seed, settings, progress)
+            frame = self._add(tree, parent.id, text, image, features, ids, seed, settings, origin)
+            self._remember(tree, state, frame)
+        return frame
+
+    def _remember(self, tree: StoryTree, parent_state: ContextState, frame: Frame) -> None:
+        if self.mode == "recompute":
+            return
+        try:
+            self.store.put(self._key(tree, frame.id), self._extend(parent_state, frame))
+        except _NeedsRebuild:
+            pass  # built on demand by state_after
+
+    def regenerate(
+        self,
+        tree: StoryTree,
+        frame_id: int,
+        part: str = "both",
+        seed: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        progress: Optional[Progress] = None,
+    ) -> Frame:
+        """A new sibling that replaces ``frame_id`` on the current path.
+
+        ``part="image"`` repaints the same features with another seed; ``"text"`` writes new text
+        (sampling, so it differs) and repaints with the frame's seed; ``"both"`` changes both."""
+        if part not in ("text", "image", "both"):
+            raise StoryError("part must be 'text', 'image' or 'both'")
+        old = tree.get(frame_id)
+        if old.parent is None:
+            raise StoryError("the opening frame is your own picture and text: edit its text or branch from it instead")
+        seed = self._new_seed() if seed is None else seed
+        settings = self._settings(settings)
+        with self.lock:
+            if part == "image":
+                image = self._paint(old.features, seed, settings, progress)
+                frame = self._add(tree, old.parent, old.text, image, old.features, list(old.token_ids), seed,
+                                  settings, "regenerated")
+                cached = self.store.get(self._key(tree, old.id))
+                if cached is not None:
+                    self.store.put(self._key(tree, frame.id), cached)
+                return frame
+            sample = settings if settings.do_sample else settings.replace(do_sample=True)
+            state = self.state_after(tree, old.parent)
+            text, ids, features = self._write(state, sample, seed, progress=progress)
+            paint_seed = old.seed if part == "text" and old.seed is not None else seed
+            image = self._paint(features, paint_seed, settings, progress)
+            frame = self._add(tree, old.parent, text, image, features, ids, paint_seed, sample, "regenerated")
+            self._remember(tree, state, frame)
+        return frame
+
+    def edit_text(
+        self,
+        tree: StoryTree,
+        frame_id: int,
+        text: str,
+        seed: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        progress: Optional[Progress] = None,
+    ) -> Frame:
+        """A sibling of ``frame_id`` with the person's text; its picture follows from the new text
+        (the opening frame keeps the person's picture)."""
+        old = tree.get(frame_id)
+        text = self._clean_text(text)
+        settings = self._settings(settings)
+        with self.lock:
+            if old.parent is None:
+                ids = self.prompt.frame_ids(text, first=True)
+                return self._add(tree, None, text, old.image, old.features, ids, None, settings, "edited")
+            return self._child_with_text(tree, old.parent, text, old.seed if seed is None else seed, settings,
+                                         progress, "edited")
+
+    def branch(
+        self,
+        tree: StoryTree,
+        frame_id: int,
+        text: Optional[str] = None,
+        seed: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        progress: Optional[Progress] = None,
+    ) -> Frame:
+        """Another child of ``frame_id`` next to the existing ones: with the person's text, or written
+        by the model (sampling with a fresh seed, so it differs from its siblings)."""
+        self._check_room(tree, frame_id)
+        seed = self._new_seed() if seed is None else seed
+        settings = self._settings(settings)
+        if text is None:
+            sample = settings if settings.do_sample else settings.replace(do_sample=True)
+            return self.step(tree, frame_id, sample, seed, progress, origin="branch")
+        text = self._clean_text(text)
+        with self.lock:
+            return self._child_with_text(tree, frame_id, text, seed, settings, progress, "branch")
+
+    def _child_with_text(self, tree, parent_id, text, seed, settings, progress, origin) -> Frame:
+        state = self.state_after(tree, parent_id)
+        text, ids, features = self._write(state, settings, seed, text=text, progress=progress)
+        image = self._paint(features, seed, settings, progress)
+        frame = self._add(tree, parent_id, text, image, features, ids, seed, settings, origin)
+        self._remember(tree, state, frame)
+        return frame
+
+    def delete(self, tree: StoryTree, frame_id: int) -> list[int]:
+        doomed = set(tree.delete(frame_id))
+        self.store.drop(lambda key: key[0] == tree.uid and key[1] in doomed)
+        return sorted(doomed)
+
+
+class _NeedsRebuild(Exception):
+    pass

@@ -1,0 +1,203 @@
+"""The SEED-Story model stack as one object: tokenizer, visual tokenizer, agent, de-tokenizer.
+
+Components are passed in explicitly (diffusers style). ``from_preset`` builds them from a preset,
+``save_pretrained``/``from_pretrained`` use our own directory format:
+
+    DIR/seedstory.json        format marker, sizes, generation defaults
+    DIR/tokenizer/            Hugging Face tokenizer files
+    DIR/visual_tokenizer/     config.json + safetensors
+    DIR/agent/                llm/ (transformers), input_resampler/, output_resampler/
+    DIR/detokenizer/          resampler/, unet/, vae/, scheduler/
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Optional, Union
+
+import torch
+from PIL import Image
+
+from .config import GenerationSettings, PresetError, load_preset, resolve_device, resolve_dtype, resolve_path
+from .image_processing import ImageProcessor
+from .models.agent import SeedStoryAgent
+from .models.detokenizer import Detokenizer
+from .models.qwen_vit import QwenVisionTransformer
+from .prompt import PromptFormat
+
+FORMAT_NAME = "seedstory"
+FORMAT_VERSION = 1
+CONFIG_FILE = "seedstory.json"
+
+
+class SeedStoryPipeline:
+    def __init__(
+        self,
+        tokenizer,
+        visual_tokenizer: QwenVisionTransformer,
+        agent: SeedStoryAgent,
+        detokenizer: Detokenizer,
+        settings: Optional[GenerationSettings] = None,
+        name: str = "custom",
+    ):
+        self.tokenizer = tokenizer
+        self.visual_tokenizer = visual_tokenizer.eval()
+        self.agent = agent.eval()
+        self.detokenizer = detokenizer.eval()
+        self.settings = settings or GenerationSettings()
+        self.name = name
+        self.prompt = PromptFormat(tokenizer, agent.num_img_tokens)
+        self.image_processor = ImageProcessor(visual_tokenizer.config.image_size)
+        self._negative: Optional[torch.Tensor] = None
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        vit_dim = self.visual_tokenizer.config.output_dim
+        n_vit = self.visual_tokenizer.config.n_queries
+        problems = []
+        if self.agent.input_resampler.config.kv_dim not in (None, vit_dim) and self.agent.input_resampler.embed_dim != vit_dim:
+            problems.append(f"input resampler expects {self.agent.input_resampler.config.kv_dim}-d features, ViT gives {vit_dim}")
+        if self.agent.output_resampler.embed_dim != vit_dim or self.agent.output_resampler.num_queries != n_vit:
+            problems.append("output resampler does not produce ViT-shaped features")
+        if self.detokenizer.resampler.config.embedding_dim != vit_dim:
+            problems.append(f"de-tokenizer expects {self.detokenizer.resampler.config.embedding_dim}-d features, ViT gives {vit_dim}")
+        if len(self.tokenizer) > self.agent.llm.get_input_embeddings().weight.shape[0]:
+            problems.append("the tokenizer has more tokens than the LLM's embedding table")
+        if problems:
+            raise ValueError("components do not fit together: " + "; ".join(problems))
+
+    # -- devices -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.agent.device
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SeedStoryPipeline":
+        for module in (self.visual_tokenizer, self.agent, self.detokenizer):
+            module.to(device=device, dtype=dtype)
+        self._negative = None
+        return self
+
+    # -- images ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> ViT features [1, n_queries, D] (fp32, on CPU, so frames can be stored anywhere)."""
+        pixels = self.image_processor(image).to(self.visual_tokenizer.device, self.visual_tokenizer.dtype)
+        return self.visual_tokenizer(pixels).float().cpu()
+
+    def negative_features(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = self.visual_tokenizer.unconditional_features().float().cpu()
+        return self._negative
+
+    @torch.no_grad()
+    def paint(
+        self,
+        features: torch.Tensor,
+        seed: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        callback=None,
+    ) -> Image.Image:
+        """Features [1, n, D] -> one PIL image, through the de-tokenizer with the zero-image negative."""
+        s = settings or self.settings
+        dev, dt = self.detokenizer.unet.device, self.detokenizer.unet.dtype
+        return self.detokenizer.generate(
+            features.to(dev, dt),
+            negative_features=self.negative_features().to(dev, dt),
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            height=s.height,
+            width=s.width,
+            seed=s.seed if seed is None else seed,
+            scheduler=s.scheduler,
+            callback=callback,
+        )[0]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        self.visual_tokenizer.save_pretrained(os.path.join(path, "visual_tokenizer"))
+        self.agent.save_pretrained(os.path.join(path, "agent"))
+        self.detokenizer.save_pretrained(os.path.join(path, "detokenizer"))
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": self.name,
+                "num_img_tokens": self.agent.num_img_tokens, "generation": asdict(self.settings)}
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, device: Union[str, torch.device, None] = None, torch_dtype: Optional[torch.dtype] = None
+    ) -> "SeedStoryPipeline":
+        """Load a directory written by ``save_pretrained`` (or ``python -m seedstory convert``)."""
+        from transformers import AutoTokenizer
+
+        meta_path = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(meta_path):
+            raise PresetError(f"{path} is not a seedstory model directory (no {CONFIG_FILE})")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT_NAME:
+            raise PresetError(f"{meta_path} is not a seedstory model config")
+        device = resolve_device(device) if not isinstance(device, torch.device) else device
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        vit = QwenVisionTransformer.from_pretrained(os.path.join(path, "visual_tokenizer"), **kw)
+        agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype)
+        detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype)
+        settings = GenerationSettings.from_config(meta.get("generation", {}))
+        return cls(tokenizer, vit, agent, detok, settings, name=meta.get("name", os.path.basename(path))).to(device)
+
+    @classmethod
+    def from_preset(cls, preset, overrides=None) -> "SeedStoryPipeline":
+        """Build from a preset name/path or an already-loaded preset config."""
+        cfg = load_preset(preset, overrides) if isinstance(preset, str) else preset
+        runtime = cfg.get("runtime", {}) or {}
+        device = resolve_device(runtime.get("device"))
+        dtype = resolve_dtype(runtime.get("dtype"), device)
+        settings = GenerationSettings.from_config(cfg.get("generation", {}))
+        source = cfg.get("source", "random")
+        if source == "random":
+            pipe = _build_random(cfg, settings)
+            pipe = pipe.to(device, dtype)
+        elif source == "pretrained":
+            pipe = cls.from_pretrained(resolve_path(cfg.path), device=device, torch_dtype=dtype)
+            pipe.settings = settings if cfg.get("generation") else pipe.settings
+        elif source == "release":
+            from .checkpoints.release import load_release_pipeline
+
+            pipe = load_release_pipeline(cfg, device=device, dtype=dtype)
+            pipe.settings = settings
+        else:
+            raise PresetError(f"unknown preset source {source!r} (random, pretrained or release)")
+        pipe.name = cfg.get("name", pipe.name)
+        return pipe
+
+
+def _build_random(cfg, settings: GenerationSettings) -> SeedStoryPipeline:
+    """Random-init components of the sizes in the preset (for tests and benchmarks)."""
+    from omegaconf import OmegaConf
+
+    from .tokens import build_byte_tokenizer
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(int(c.get("init_seed", 0)))
+    n_img = int(c.get("num_img_tokens", 64))
+    tok_cfg = c.get("tokenizer", {"type": "byte"})
+    if tok_cfg.get("type") == "byte":
+        tokenizer = build_byte_tokenizer(n_img)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(tok_cfg["path"]))
+    vit = QwenVisionTransformer(**c["visual_tokenizer"])
+    agent_cfg = dict(c["agent"])
+    llm_cfg = dict(agent_cfg["llm"])
+    llm_cfg.setdefault("vocab_size", len(tokenizer))
+    llm_cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
+    llm_cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
+    llm_cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+    agent_cfg["llm"] = llm_cfg
+    agent = SeedStoryAgent.from_config(agent_cfg)
+    detok = Detokenizer.from_config(c["detokenizer"])
+    return SeedStoryPipeline(tokenizer, vit, agent, detok, settings, name=c.get("name", "random"))

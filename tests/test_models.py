@@ -1,0 +1,150 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from seedstory.models.agent import DecodingConfig, SeedStoryAgent, cosine_loss
+from seedstory.models.qwen_resampler import QwenResampler, resize_pos_table, sincos_2d
+from seedstory.models.qwen_vit import QwenVisionTransformer, VisualAttention
+from seedstory.models.resampler_xl import ResamplerXL
+from seedstory.prompt import PromptFormat
+from seedstory.tokens import build_byte_tokenizer
+
+
+def small_vit(**kw):
+    cfg = dict(image_size=56, patch_size=14, width=32, layers=2, heads=2, mlp_width=64, n_queries=16,
+               output_dim=32, pool_heads=2, pos_table_size=16)
+    cfg.update(kw)
+    return QwenVisionTransformer(**cfg).eval()
+
+
+def test_vit_shapes_and_pos_table_resize():
+    torch.manual_seed(0)
+    vit = small_vit(image_size=112)  # 8x8 patches from a 4x4 table
+    out = vit(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 16, 32)
+    table = vit.positional_embedding.detach()
+    resized = resize_pos_table(table, 64)
+    manual = F.interpolate(table.reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(8, 8), mode="bicubic",
+                           align_corners=False).permute(0, 2, 3, 1).reshape(64, -1)
+    assert torch.allclose(resized, manual)
+    assert resize_pos_table(table, 16) is table
+
+
+def test_vit_attention_uses_head_major_fused_qkv():
+    torch.manual_seed(0)
+    attn = VisualAttention(12, 3).eval()
+    x = torch.randn(2, 5, 12)
+    w, b = attn.in_proj.weight, attn.in_proj.bias
+    heads = []
+    for h in range(3):
+        rows = slice(h * 12, h * 12 + 12)  # q, k, v rows of head h, 4 each
+        qkv = x @ w[rows].T + b[rows]
+        q, k, v = qkv[..., :4], qkv[..., 4:8], qkv[..., 8:]
+        heads.append(torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v)
+    expected = attn.out_proj(torch.cat(heads, -1))
+    assert torch.allclose(attn(x), expected, atol=1e-6)
+
+
+def test_unconditional_features_are_the_zero_image():
+    vit = small_vit()
+    assert torch.allclose(vit.unconditional_features(), vit(torch.zeros(1, 3, 56, 56)))
+
+
+def test_qwen_resampler_shapes_and_sincos():
+    r = QwenResampler(grid_size=4, embed_dim=16, num_heads=4, kv_dim=8).eval()
+    assert r(torch.randn(3, 36, 8)).shape == (3, 16, 16)
+    assert isinstance(r.kv_proj, torch.nn.Linear) and not r.pos_embed.requires_grad
+    table = sincos_2d(16, 4)
+    # position (row 1, col 2): first half encodes the column index w, second half the row index h.
+    omega = 1.0 / 10000 ** (torch.arange(4) / 4.0)
+    expected = torch.cat([torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(1 * omega), torch.cos(1 * omega)])
+    assert torch.allclose(table[1 * 4 + 2], expected, atol=1e-6)
+    assert isinstance(QwenResampler(grid_size=2, embed_dim=8, num_heads=2, kv_dim=8).kv_proj, torch.nn.Identity)
+
+
+def test_resampler_xl_normalizes_over_tokens():
+    torch.manual_seed(0)
+    r = ResamplerXL(dim=32, depth=2, dim_head=8, heads=4, num_queries=8, embedding_dim=24, output1_dim=16,
+                    output2_dim=20).eval()
+    x = torch.randn(2, 10, 24)
+    embeds, pooled = r(x)
+    assert embeds.shape == (2, 8, 36) and pooled.shape == (2, 20)
+    # Normalizing over dim 1 means scaling one channel across all tokens changes nothing...
+    scaled = x.clone()
+    scaled[:, :, 3] *= 7.0
+    assert torch.allclose(r(scaled)[0], embeds, atol=1e-5)
+    # ...while scaling one token across channels does.
+    scaled = x.clone()
+    scaled[:, 2] *= 7.0
+    assert not torch.allclose(r(scaled)[0], embeds, atol=1e-3)
+
+
+def tiny_agent(n_img=16, vit_dim=32):
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer(n_img)
+    agent = SeedStoryAgent.from_config(dict(
+        llm=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        input_resampler=dict(grid_size=int(math.isqrt(n_img)), embed_dim=64, num_heads=4, kv_dim=vit_dim),
+        output_resampler=dict(grid_size=4, embed_dim=vit_dim, num_heads=4, kv_dim=64))).eval()
+    return agent, tok, PromptFormat(tok, n_img)
+
+
+def test_agent_forward_losses():
+    agent, tok, pf = tiny_agent()
+    s = pf.training_sample(["a cat", "a dog", "the end"], 1)
+    images = torch.randn(3, 16, 32)
+    out = agent(s.input_ids[None], s.attention_mask[None], s.labels[None], images, s.embeds_gen_mask,
+                s.embeds_cmp_mask, s.ids_gen_mask[None], s.ids_cmp_mask[None], return_recon_image_embeds=True)
+    logits = out["logits"][0, :-1]
+    labels = s.labels[1:]
+    assert torch.allclose(out["lm_loss"], F.cross_entropy(logits, labels, ignore_index=-100), atol=1e-5)
+    assert torch.allclose(out["rec_loss"], cosine_loss(out["recon_image_embeds"], images[2:]))
+    assert torch.allclose(out["total_loss"], out["lm_loss"] + out["rec_loss"])
+    # The context images really enter: changing one changes the loss.
+    images2 = images.clone()
+    images2[0] += 1.0
+    out2 = agent(s.input_ids[None], s.attention_mask[None], s.labels[None], images2, s.embeds_gen_mask,
+                 s.embeds_cmp_mask, s.ids_gen_mask[None], s.ids_cmp_mask[None])
+    assert not torch.allclose(out2["lm_loss"], out["lm_loss"])
+    out["total_loss"].backward()
+    assert agent.output_resampler.query.grad is not None and agent.input_resampler.query.grad is not None
+
+
+def test_incremental_prefill_equals_full_and_block_equals_forcing():
+    agent, tok, pf = tiny_agent()
+    images = torch.randn(2, 16, 32)
+    ids = torch.tensor(pf.context_ids(["a cat", "a dog"]))
+    mask = pf.image_slot_mask(ids)
+    logits, hidden, kv = agent.prefill(ids, images, mask)
+    n = 1 + len(pf.frame_ids("a cat", first=True))
+    _, _, kv1 = agent.prefill(ids[:n], images[:1], mask[:n])
+    logits2, hidden2, _ = agent.prefill(ids[n:], images[1:], mask[n:], kv=kv1)
+    assert torch.allclose(logits, logits2, atol=1e-5) and torch.allclose(hidden[n:], hidden2, atol=1e-5)
+    feats, after, kv_b = agent.image_block(kv, pf.image_ids)
+    hs, kv_t = [], kv
+    for t in pf.image_ids.block:
+        lt, ht, kv_t = agent.prefill(torch.tensor([t]), kv=kv_t)
+        hs.append(ht)
+    forced = agent.output_resampler(torch.cat(hs)[1:17][None])
+    assert feats.shape == (1, 16, 32)
+    assert torch.allclose(feats, forced, atol=1e-5) and torch.allclose(after, lt, atol=1e-5)
+
+
+def test_decode_text_never_emits_image_slots_and_sampling_is_seeded():
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    logits, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    # Make the image-slot tokens the most likely: they must still never be chosen.
+    logits = logits.clone()
+    logits[list(pf.image_ids.img)] = 1e4
+    logits[pf.image_ids.eoi] = 1e4
+    r = agent.decode_text(logits, kv, pf.image_ids, tok.eos_token_id, DecodingConfig(max_new_tokens=5))
+    assert r.stop in ("length", "image", "eos") and not set(r.ids) & pf.image_ids.all
+    cfg = DecodingConfig(do_sample=True, temperature=1.5, top_p=0.9, max_new_tokens=6)
+    a = agent.decode_text(logits, kv, pf.image_ids, 2, cfg, torch.Generator().manual_seed(1)).ids
+    b = agent.decode_text(logits, kv, pf.image_ids, 2, cfg, torch.Generator().manual_seed(1)).ids
+    c = agent.decode_text(logits, kv, pf.image_ids, 2, cfg, torch.Generator().manual_seed(2)).ids
+    assert a == b and a != c
