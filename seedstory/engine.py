@@ -120,6 +120,8 @@ class StoryEngine:
         kv_budget_bytes: int = 2 * 1024**3,
         sink: Optional[SinkConfig] = None,
         max_frames: Optional[int] = None,
+        store: Optional["KVStore"] = None,
+        lock: Optional[threading.RLock] = None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown context mode {mode!r}; use one of {', '.join(MODES)}")
@@ -130,8 +132,10 @@ class StoryEngine:
             raise ValueError("the context window must hold at least one frame")
         self.sink = sink or SinkConfig()
         self.max_frames = max_frames or pipeline.settings.max_frames
-        self.store = KVStore(kv_budget_bytes)
-        self.lock = threading.RLock()  # one model call at a time per engine
+        # Engines over the same pipeline may share one store (keys carry mode and window) and one lock
+        # (one model call at a time).
+        self.store = store if store is not None else KVStore(kv_budget_bytes)
+        self.lock = lock if lock is not None else threading.RLock()
         llm_cfg = pipeline.agent.llm.config
         self.max_positions = getattr(llm_cfg, "max_position_embeddings", None) or 4096
 
@@ -166,7 +170,9 @@ class StoryEngine:
 
     def display_text(self, text_ids: list[int]) -> str:
         text = self.pipe.tokenizer.decode(text_ids, skip_special_tokens=True)
-        return re.sub(r"^\s*\[INST\]\s*", "", text).strip()
+        text = re.sub(r"^\s*\[INST\]\s*", "", text)
+        # Drop control characters and broken bytes (a half-written multi-byte character).
+        return " ".join(re.sub(r"[\x00-\x1f\x7f\ufffd]", " ", text).split())
 
     def _key(self, tree: StoryTree, frame_id: int):
         return (tree.uid, frame_id, self.mode, self.window)

@@ -1,0 +1,293 @@
+"""SEED-Story in the browser: ``python app.py [--preset NAME]`` serves on http://127.0.0.1:7860.
+
+Thin wiring only: every action calls ``seedstory.app_logic``; the models are loaded once in a
+``ModelHolder`` and shared by all browser sessions, each of which has its own stories.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr  # noqa: E402
+
+from seedstory import app_logic as logic  # noqa: E402
+from seedstory.cli import default_preset  # noqa: E402
+from seedstory.config import REPO_ROOT, list_presets  # noqa: E402
+from seedstory.holder import ModelHolder  # noqa: E402
+
+try:  # On Hugging Face ZeroGPU, GPU-bound calls must be decorated; elsewhere this is a no-op.
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(fn):
+        return fn
+
+EXAMPLES = [
+    [os.path.join(REPO_ROOT, "assets", "examples", "fox_meadow.png"), "A little fox with a red headband sat in the meadow."],
+    [os.path.join(REPO_ROOT, "assets", "examples", "robot_night.png"), "A small robot looked up at the moon."],
+]
+SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
+USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
+
+
+def build_app(holder: ModelHolder) -> gr.Blocks:
+    def render(session, message=""):
+        tree = session.tree
+        current = tree.get(tree.current) if tree is not None and tree.current is not None else None
+        choices = logic.frame_choices(session)
+        return (
+            session,
+            logic.storyboard(session),
+            current.image if current is not None else None,
+            current.text if current is not None else "",
+            logic.frame_info(session),
+            gr.update(choices=choices, value=logic.frame_label(current) if current is not None else None),
+            logic.tree_html(session),
+            message,
+        )
+
+    def guarded(fn):
+        """Turn a person's mistake into a message in the UI; the story stays as it was."""
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except USER_ERRORS as e:
+                    raise gr.Error(str(e)) from None
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                raise gr.Error(str(e)) from None
+        return wrapper
+
+    def new_session(session):
+        return session if isinstance(session, logic.StorySession) else logic.StorySession()
+
+    @gpu
+    @guarded
+    def start_story(session, ui, image, text, progress=gr.Progress()):
+        session = new_session(session)
+        progress(0.1, desc="reading the picture")
+        logic.start_story(session, holder, image, text, ui)
+        return render(session, "Story started. Press **Next frame** to continue it.")
+
+    @gpu
+    @guarded
+    def next_frame(session, ui, n=1, progress=gr.Progress()):
+        session = new_session(session)
+        done = 0
+        for frame in logic.next_frames(session, holder, n, ui,
+                                       progress=lambda stage, f: progress(f, desc=stage)):
+            done += 1
+            yield render(session, f"Frame {done} of {int(n)} done: #{frame.id}.")
+        stopped = " (stopped)" if done < int(n) else ""
+        yield render(session, f"Added {done} frame(s){stopped}.")
+
+    def stop_story(session):
+        if isinstance(session, logic.StorySession):
+            logic.stop(session)
+        return "Stopping after the frame in progress…"
+
+    @gpu
+    @guarded
+    def regenerate_frame(session, ui, frame, part, seed):
+        session = new_session(session)
+        f = logic.regenerate(session, holder, frame, part, seed, ui)
+        return render(session, f"Regenerated as frame #{f.id} (seed {f.seed}).")
+
+    @gpu
+    @guarded
+    def edit_frame(session, ui, frame, text):
+        session = new_session(session)
+        f = logic.edit(session, holder, frame, text, ui)
+        return render(session, f"Edited: new frame #{f.id}. Press **Next frame** to continue from it.")
+
+    @gpu
+    @guarded
+    def branch_story(session, ui, frame, text):
+        session = new_session(session)
+        f = logic.branch(session, holder, frame, text, ui)
+        return render(session, f"New branch at frame #{f.id}.")
+
+    @guarded
+    def select_frame(session, frame):
+        session = new_session(session)
+        logic.select(session, frame)
+        return render(session)
+
+    @guarded
+    def select_from_storyboard(session, evt: gr.SelectData):
+        session = new_session(session)
+        logic.select_on_storyboard(session, evt.index)
+        return render(session)
+
+    @guarded
+    def sibling(session, delta):
+        session = new_session(session)
+        logic.switch_sibling(session, delta)
+        return render(session)
+
+    @guarded
+    def delete_frame(session, ui, frame):
+        session = new_session(session)
+        logic.delete(session, holder, frame, ui)
+        return render(session, "Deleted.")
+
+    @guarded
+    def export_story(session, fmt):
+        return logic.export(new_session(session), fmt)
+
+    @guarded
+    def save_session(session):
+        return logic.save(new_session(session))
+
+    @guarded
+    def load_session(session, file):
+        session = new_session(session)
+        logic.load(session, file)
+        return render(session, "Story loaded.")
+
+    @guarded
+    def load_model(preset):
+        holder.switch(preset)
+        return holder.describe()
+
+    def model_status():
+        return holder.describe()
+
+    def configure(decoding="greedy", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
+                  mode="window", window=0, seed=None):
+        """All generation settings at once (0 or empty means the preset's default)."""
+        return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed)
+
+    with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
+        session = gr.State(None)
+        ui = gr.State(logic.UISettings())
+        gr.Markdown("# SEED-Story\nUpload an opening picture, write the first lines, and let the model continue the "
+                    "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image_in = gr.Image(type="filepath", label="Opening picture", sources=["upload", "clipboard"],
+                                    height=256)
+                text_in = gr.Textbox(label="Opening text", lines=3, placeholder="Once upon a time…")
+                start_btn = gr.Button("Start story", variant="primary")
+                gr.Examples(EXAMPLES, [image_in, text_in], label="Examples")
+            with gr.Column(scale=2):
+                board = gr.Gallery(label="Storyboard (the current branch)", columns=4, height=420,
+                                   allow_preview=False, object_fit="contain")
+                with gr.Row():
+                    next_btn = gr.Button("Next frame", variant="primary")
+                    n_frames = gr.Slider(1, logic.MAX_FRAMES_PER_CLICK, value=4, step=1, label="N")
+                    next_n_btn = gr.Button("Next N frames")
+                    stop_btn = gr.Button("Stop", variant="stop")
+                status = gr.Markdown()
+        with gr.Row():
+            with gr.Column(scale=1):
+                frame_sel = gr.Dropdown(label="Frame", choices=[], interactive=True, allow_custom_value=True)
+                with gr.Row():
+                    prev_btn = gr.Button("◀ other version")
+                    next_sib_btn = gr.Button("other version ▶")
+                frame_img = gr.Image(label="Selected frame", interactive=False, height=300)
+                frame_info = gr.Markdown()
+            with gr.Column(scale=1):
+                frame_text = gr.Textbox(label="Frame text (edit, then apply)", lines=4)
+                edit_btn = gr.Button("Apply edit (new version of this frame)")
+                with gr.Row():
+                    part = gr.Radio(list(logic.PART_CHOICES), value="text and image", label="Regenerate")
+                    regen_seed = gr.Number(label="Seed (empty: new)", precision=0, value=None)
+                regen_btn = gr.Button("Regenerate this frame")
+                branch_text = gr.Textbox(label="Branch here with this text (empty: let the model write)", lines=2)
+                branch_btn = gr.Button("Branch here")
+                delete_btn = gr.Button("Delete this frame and what follows", variant="stop")
+            with gr.Column(scale=1):
+                gr.Markdown("### Story tree")
+                tree_view = gr.HTML()
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                preset = gr.Dropdown(list_presets(), value=holder.preset, label="Model preset")
+                load_btn = gr.Button("Load model")
+                model_info = gr.Markdown()
+            with gr.Row():
+                decoding = gr.Radio(["greedy", "sampling"], value="greedy", label="Text decoding")
+                temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                seed = gr.Number(label="Seed (empty: preset default)", precision=0, value=None)
+            with gr.Row():
+                steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
+                guidance = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="Guidance (0: preset default)")
+                scheduler = gr.Dropdown(SCHEDULERS, value=None, label="Scheduler (empty: preset default)")
+            with gr.Row():
+                mode = gr.Radio(["window", "sink", "recompute"], value="window", label="Context")
+                window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
+        with gr.Accordion("Save, load, export", open=False):
+            with gr.Row():
+                fmt = gr.Radio(["comic", "html", "pdf", "gif", "zip"], value="comic", label="Export format")
+                export_btn = gr.Button("Export the current branch")
+                save_btn = gr.Button("Save session")
+            with gr.Row():
+                out_file = gr.File(label="Download")
+                load_file = gr.File(label="Load a saved session (.zip)", file_types=[".zip"], type="filepath")
+                load_story_btn = gr.Button("Load session")
+
+        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed]
+        view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
+        for widget in settings:
+            widget.change(configure, settings, [ui], api_name=False)
+        configure_btn = gr.Button(visible=False)
+        configure_btn.click(configure, settings, [ui], api_name="configure")
+
+        start_btn.click(start_story, [session, ui, image_in, text_in], view, api_name="start_story")
+        next_btn.click(next_frame, [session, ui], view, api_name="next_frame")
+        next_n_btn.click(next_frame, [session, ui, n_frames], view, api_name="next_frames")
+        stop_btn.click(stop_story, [session], [status], api_name="stop", concurrency_limit=None, queue=False)
+        regen_btn.click(regenerate_frame, [session, ui, frame_sel, part, regen_seed], view, api_name="regenerate_frame")
+        edit_btn.click(edit_frame, [session, ui, frame_sel, frame_text], view, api_name="edit_frame")
+        branch_btn.click(branch_story, [session, ui, frame_sel, branch_text], view, api_name="branch_story")
+        frame_sel.input(select_frame, [session, frame_sel], view, api_name="select_frame")
+        board.select(select_from_storyboard, [session], view, api_name=False)
+        prev_btn.click(lambda s: sibling(s, -1), [session], view, api_name="previous_version")
+        next_sib_btn.click(lambda s: sibling(s, 1), [session], view, api_name="next_version")
+        delete_btn.click(delete_frame, [session, ui, frame_sel], view, api_name="delete_frame")
+        export_btn.click(export_story, [session, fmt], [out_file], api_name="export_story")
+        save_btn.click(save_session, [session], [out_file], api_name="save_session")
+        load_story_btn.click(load_session, [session, load_file], view, api_name="load_session")
+        load_btn.click(load_model, [preset], [model_info], api_name="load_model", concurrency_limit=1)
+        demo.load(model_status, None, [model_info], api_name=False)
+    return demo
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="SEED-Story web app")
+    parser.add_argument("--preset", default=None, help=f"model preset ({', '.join(list_presets())})")
+    parser.add_argument("--concurrency", type=int, default=1, help="model calls at a time")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most")
+    args = parser.parse_args(argv)
+    holder = ModelHolder(args.preset or default_preset())
+    try:
+        holder.pipeline()  # load at start so the first visitor does not wait; errors show in the UI too
+    except Exception as e:  # noqa: BLE001 - the app still opens and says what is wrong
+        print(f"warning: could not load preset {holder.preset!r}: {e}")
+    demo = build_app(holder)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        share=False,
+        max_file_size="20mb",
+        show_error=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Everything the Gradio app does, without Gradio: one ``StorySession`` per browser session, plus
+view functions that turn a story into what the widgets show. ``app.py`` only wires widgets to these.
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from PIL import Image
+
+from .config import GenerationSettings
+from .engine import StoryEngine
+from .export import FORMATS, export_story
+from .holder import ModelHolder
+from .image_processing import load_image
+from .storage import load_story, save_story
+from .story import Frame, StoryError, StoryTree
+
+MAX_FRAMES_PER_CLICK = 25
+PART_CHOICES = {"text and image": "both", "text only": "text", "image only": "image"}
+
+
+@dataclass
+class UISettings:
+    """The settings panel, as plain values (what the widgets hold)."""
+
+    decoding: str = "greedy"  # greedy | sampling
+    temperature: float = 0.7
+    top_p: float = 0.9
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    scheduler: Optional[str] = None
+    mode: str = "window"  # window | sink | recompute
+    window: Optional[int] = None
+    seed: Optional[int] = None
+
+    def generation(self, base: GenerationSettings) -> GenerationSettings:
+        return base.replace(
+            do_sample=self.decoding == "sampling", temperature=self.temperature, top_p=self.top_p,
+            num_inference_steps=int(self.steps) if self.steps else None,
+            guidance_scale=float(self.guidance) if self.guidance else None,
+            scheduler=self.scheduler or None, window=int(self.window) if self.window else None,
+            seed=int(self.seed) if self.seed not in (None, "") else None,
+        )
+
+
+@dataclass
+class StorySession:
+    """One person's stories. Kept per browser session; the models live in the shared holder."""
+
+    tree: Optional[StoryTree] = None
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="seedstory-session-"))
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def require_tree(self) -> StoryTree:
+        if self.tree is None or not self.tree.frames:
+            raise StoryError("start a story first: upload a picture, type the opening text, press Start")
+        return self.tree
+
+    def frame_id(self, value) -> int:
+        """Accepts an int id or a selector label like "#3 · text"."""
+        tree = self.require_tree()
+        if value is None or value == "":
+            return tree.current
+        if isinstance(value, str):
+            value = value.lstrip("#").split(" ", 1)[0]
+        try:
+            fid = int(value)
+        except (TypeError, ValueError):
+            raise StoryError(f"not a frame: {value!r}") from None
+        tree.get(fid)
+        return fid
+
+
+# -- views ------------------------------------------------------------------------------------------
+def frame_label(frame: Frame, limit: int = 48) -> str:
+    text = frame.text if len(frame.text) <= limit else frame.text[: limit - 1] + "…"
+    return f"#{frame.id} · {text}"
+
+
+def storyboard(session: StorySession) -> list[tuple[Image.Image, str]]:
+    """The branch through the current frame, root to leaf: (picture, caption) per frame."""
+    if session.tree is None or session.tree.current is None:
+        return []
+    tree = session.tree
+    return [(f.image, f"{i}. {f.text}") for i, f in enumerate(tree.path(tree.leaf(tree.current))) if f.image is not None]
+
+
+def tree_html(session: StorySession) -> str:
+    """The whole tree as nested lists; the current path is bold, the current frame marked."""
+    tree = session.tree
+    if tree is None or not tree.frames:
+        return "<p><i>No story yet.</i></p>"
+    on_path = {f.id for f in tree.path(tree.leaf(tree.current))}
+
+    def render(fid: int) -> str:
+        f = tree.get(fid)
+        label = html.escape(frame_label(f, 60))
+        if fid == tree.current:
+            label = f"▶ {label}"
+        if fid in on_path:
+            label = f"<b>{label}</b>"
+        kids = "".join(render(c) for c in f.children)
+        return f"<li title='{html.escape(f.origin)}'>{label}{f'<ul>{kids}</ul>' if kids else ''}</li>"
+
+    return "<ul class='story-tree'>" + "".join(render(r) for r in tree.roots) + "</ul>"
+
+
+def frame_choices(session: StorySession) -> list[str]:
+    if session.tree is None:
+        return []
+    return [frame_label(session.tree.frames[i]) for i in sorted(session.tree.frames)]
+
+
+def frame_info(session: StorySession) -> str:
+    tree = session.tree
+    if tree is None or tree.current is None:
+        return ""
+    f = tree.get(tree.current)
+    sibs = tree.siblings(f.id)
+    pos = f"{sibs.index(f.id) + 1} of {len(sibs)}"
+    return (f"**Frame #{f.id}** · step {tree.depth(f.id) - 1} · {f.origin} · seed {f.seed if f.seed is not None else '—'}"
+            f" · version {pos} here · {len(f.children)} continuation(s)")
+
+
+# -- actions -------------------------------------------------------------------------------------------
+def engine_for(holder: ModelHolder, ui: UISettings) -> StoryEngine:
+    return holder.engine(ui.mode or "window", int(ui.window) if ui.window else None)
+
+
+def start_story(session: StorySession, holder: ModelHolder, image, text: str, ui: UISettings) -> StoryTree:
+    if image is None:
+        raise StoryError("upload an opening picture (or pick an example)")
+    picture = load_image(image)
+    engine = engine_for(holder, ui)
+    session.tree = engine.start(picture, text)
+    return session.tree
+
+
+def next_frames(
+    session: StorySession,
+    holder: ModelHolder,
+    n: int,
+    ui: UISettings,
+    progress: Optional[Callable[[str, float], None]] = None,
+) -> Iterator[Frame]:
+    """Step ``n`` frames from the current one, yielding each as it is finished. ``stop()`` ends it
+    after the frame in progress; finished frames stay."""
+    tree = session.require_tree()
+    n = int(n)
+    if not 1 <= n <= MAX_FRAMES_PER_CLICK:
+        raise StoryError(f"generate between 1 and {MAX_FRAMES_PER_CLICK} frames at a time")
+    engine = engine_for(holder, ui)
+    settings = ui.generation(engine.pipe.settings)
+    session.stop_event.clear()
+    for i in range(n):
+        if session.stop_event.is_set():
+            break
+        parent = tree.leaf(tree.current)
+
+        def report(stage, fraction, i=i):
+            if progress:
+                progress(f"frame {i + 1}/{n}: {stage}", (i + fraction) / n)
+
+        yield engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
+
+
+def stop(session: StorySession) -> None:
+    session.stop_event.set()
+
+
+def regenerate(session, holder, frame, part: str, seed, ui: UISettings) -> Frame:
+    tree = session.require_tree()
+    engine = engine_for(holder, ui)
+    part = PART_CHOICES.get(part, part)
+    seed = int(seed) if seed not in (None, "") else None
+    return engine.regenerate(tree, session.frame_id(frame), part, seed, ui.generation(engine.pipe.settings))
+
+
+def edit(session, holder, frame, text: str, ui: UISettings) -> Frame:
+    engine = engine_for(holder, ui)
+    return engine.edit_text(session.require_tree(), session.frame_id(frame), text,
+                            settings=ui.generation(engine.pipe.settings))
+
+
+def branch(session, holder, frame, text: Optional[str], ui: UISettings) -> Frame:
+    engine = engine_for(holder, ui)
+    text = text if text and text.strip() else None
+    seed = int(ui.seed) if ui.seed not in (None, "") else None
+    return engine.branch(session.require_tree(), session.frame_id(frame), text, seed,
+                         ui.generation(engine.pipe.settings))
+
+
+def select(session, frame) -> Frame:
+    tree = session.require_tree()
+    return tree.select(session.frame_id(frame))
+
+
+def select_on_storyboard(session, index: int) -> Frame:
+    tree = session.require_tree()
+    path = tree.path(tree.leaf(tree.current))
+    if not 0 <= index < len(path):
+        raise StoryError("no such frame on the storyboard")
+    return tree.select(path[index].id)
+
+
+def switch_sibling(session, delta: int) -> Frame:
+    """Show the previous/next version of the current frame (switches branch)."""
+    tree = session.require_tree()
+    sibs = tree.siblings(tree.current)
+    i = (sibs.index(tree.current) + delta) % len(sibs)
+    return tree.select(sibs[i])
+
+
+def delete(session, holder, frame, ui: UISettings) -> None:
+    tree = session.require_tree()
+    fid = session.frame_id(frame)
+    if tree.get(fid).parent is None and len(tree.roots) == 1:
+        raise StoryError("this is the only opening frame; start a new story instead")
+    engine_for(holder, ui).delete(tree, fid)
+
+
+def export(session, fmt: str) -> str:
+    tree = session.require_tree()
+    if fmt not in FORMATS:
+        raise StoryError(f"unknown format {fmt!r}")
+    path = os.path.join(session.workdir, f"story{FORMATS[fmt]}")
+    return export_story(tree, fmt, path)
+
+
+def save(session) -> str:
+    path = os.path.join(session.workdir, "story-session.zip")
+    return save_story(session.require_tree(), path)
+
+
+def load(session, path: str) -> StoryTree:
+    if not path:
+        raise StoryError("choose a saved story (.zip) to load")
+    session.tree = load_story(path)  # raises before touching the current story
+    return session.tree

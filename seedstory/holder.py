@@ -1,0 +1,103 @@
+"""One holder per process for the loaded models: loads a preset once (lazily, thread-safe), serves
+every story, switches presets (freeing the old models) and reports what is loaded where."""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from .config import load_preset
+from .engine import KVStore, StoryEngine
+from .pipeline import SeedStoryPipeline
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+class ModelHolder:
+    def __init__(self, preset: str = "tiny", overrides: Optional[list[str]] = None, kv_budget_bytes: int = 2 * 1024**3):
+        self.preset = preset
+        self.overrides = list(overrides or [])
+        self.kv_budget_bytes = kv_budget_bytes
+        self._pipe: Optional[SeedStoryPipeline] = None
+        self._engines: dict = {}
+        self._store: Optional[KVStore] = None
+        self._load_lock = threading.Lock()
+        self.model_lock = threading.RLock()  # serializes model calls across all engines
+        self.load_seconds: Optional[float] = None
+        self.error: Optional[str] = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    def pipeline(self) -> SeedStoryPipeline:
+        """The loaded pipeline, loading the preset on first use (once, even under concurrent calls)."""
+        if self._pipe is None:
+            with self._load_lock:
+                if self._pipe is None:
+                    start = time.perf_counter()
+                    try:
+                        self._pipe = SeedStoryPipeline.from_preset(self.preset, self.overrides)
+                        self.error = None
+                    except Exception as e:
+                        self.error = str(e)
+                        raise
+                    self._store = KVStore(self.kv_budget_bytes)
+                    self.load_seconds = time.perf_counter() - start
+        return self._pipe
+
+    def engine(self, mode: str = "window", window: Optional[int] = None) -> StoryEngine:
+        pipe = self.pipeline()
+        key = (mode, window or pipe.settings.window)
+        with self._load_lock:
+            if key not in self._engines:
+                self._engines[key] = StoryEngine(pipe, mode=mode, window=key[1], store=self._store,
+                                                 lock=self.model_lock)
+            return self._engines[key]
+
+    def switch(self, preset: str, overrides: Optional[list[str]] = None) -> SeedStoryPipeline:
+        """Load another preset; the old models are freed first so both never sit in memory at once."""
+        with self.model_lock:
+            with self._load_lock:
+                self._pipe, self._engines, self._store = None, {}, None
+                self.preset, self.overrides = preset, list(overrides or [])
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self.pipeline()
+
+    def status(self) -> dict:
+        """What is loaded, on which device, using how much memory."""
+        info = {"preset": self.preset, "loaded": self.loaded, "error": self.error}
+        if self._pipe is None:
+            return info
+        pipe = self._pipe
+        parts = {"visual_tokenizer": pipe.visual_tokenizer, "agent": pipe.agent, "detokenizer": pipe.detokenizer}
+        info.update(
+            name=pipe.name,
+            device=str(pipe.device),
+            dtype=str(pipe.agent.dtype).replace("torch.", ""),
+            parameters={k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
+            weight_bytes={k: _module_bytes(m) for k, m in parts.items()},
+            kv_cache_bytes=self._store.nbytes if self._store else 0,
+            kv_cache_states=len(self._store) if self._store else 0,
+            load_seconds=round(self.load_seconds or 0.0, 2),
+        )
+        if pipe.device.type == "cuda":
+            info["cuda_allocated_bytes"] = torch.cuda.memory_allocated(pipe.device)
+            info["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(pipe.device)
+        return info
+
+    def describe(self) -> str:
+        s = self.status()
+        if not s["loaded"]:
+            return f"{s['preset']}: not loaded" + (f" ({s['error']})" if s.get("error") else "")
+        total = sum(s["parameters"].values())
+        mem = sum(s["weight_bytes"].values())
+        return (f"{s['name']} on {s['device']} ({s['dtype']}): {total / 1e6:.1f} M parameters, "
+                f"{mem / 2**20:.0f} MiB weights, {s['kv_cache_bytes'] / 2**20:.1f} MiB cached context")
