@@ -11,8 +11,7 @@ import argparse
 import os
 import sys
 
-from .config import PresetError, list_presets, load_preset, resolve_path
-from .image_processing import ImageError
+from .config import list_presets, load_preset, resolve_path
 from .story import StoryError
 
 
@@ -63,19 +62,26 @@ def cmd_generate(args) -> int:
     image = load_image(args.image)  # fail fast, before loading models
     if not args.text or not args.text.strip():
         raise StoryError("the opening text is empty")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "story.json")):
+        raise StoryError(f"{args.out} exists and is not a saved story; choose another --out")
     pipe = SeedStoryPipeline.from_preset(args.preset or default_preset(), args.set)
     settings = _settings_from_args(pipe, args)
+    if args.frames + 1 > settings.max_frames:
+        raise StoryError(f"--frames {args.frames} would pass this preset's limit of {settings.max_frames} frames "
+                         f"(the opening counts); use at most {settings.max_frames - 1}")
     pipe.settings = settings
     engine = StoryEngine(pipe, mode=args.mode or "window", window=settings.window)
     tree = engine.start(image, args.text)
     bar = tqdm(total=args.frames, desc="frames", unit="frame")
-    for _ in range(args.frames):
-        frame = engine.step(tree, settings=settings)
-        bar.set_postfix_str(frame.text[:40])
-        bar.update(1)
-    bar.close()
-    out = save_story(tree, args.out, model_name=pipe.name)
-    print(f"wrote {len(tree.path())} frames to {out}")
+    try:
+        for _ in range(args.frames):
+            frame = engine.step(tree, settings=settings)
+            bar.set_postfix_str(frame.text[:40])
+            bar.update(1)
+    finally:  # an interrupted run still keeps the frames it made
+        bar.close()
+        out = save_story(tree, args.out, model_name=pipe.name)
+        print(f"wrote {len(tree.path())} frames to {out}")
     return 0
 
 
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageError, StoryError, PresetError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ImageError, StoryError, PresetError, StoryFileError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

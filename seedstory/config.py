@@ -83,6 +83,7 @@ class GenerationSettings:
     seed: int = 42
     window: int = 8
     max_new_tokens: int = 120
+    min_new_tokens: int = 1
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
@@ -95,9 +96,28 @@ class GenerationSettings:
         unknown = set(data) - names
         if unknown:
             raise PresetError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return cls(**data).validated()
 
     def replace(self, **changes) -> "GenerationSettings":
         data = asdict(self)
         data.update({k: v for k, v in changes.items() if v is not None})
-        return GenerationSettings(**data)
+        return GenerationSettings(**data).validated()
+
+    def validated(self) -> "GenerationSettings":
+        """Raise PresetError naming the first setting out of range."""
+        checks = [
+            (self.num_inference_steps >= 1, "image steps must be at least 1"),
+            (self.guidance_scale >= 0, "guidance must not be negative"),
+            (self.window >= 1, "the context window must hold at least one frame"),
+            (1 <= self.max_new_tokens <= 4096, "max_new_tokens must be between 1 and 4096"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
+            (self.temperature > 0, "temperature must be positive"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.max_frames >= 2, "max_frames must be at least 2"),
+            (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),
+            (self.width is None or (self.width >= 8 and self.width % 8 == 0), "width must be a multiple of 8"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PresetError(message)
+        return self

@@ -282,7 +282,8 @@ class StoryEngine:
         agent, prompt = self.pipe.agent, self.prompt
         if text is None:
             generator = torch.Generator().manual_seed(seed)
-            cfg = DecodingConfig(settings.do_sample, settings.temperature, settings.top_p, settings.max_new_tokens)
+            cfg = DecodingConfig(settings.do_sample, settings.temperature, settings.top_p, settings.max_new_tokens,
+                                 settings.min_new_tokens)
             if progress:
                 progress("writing text", 0.0)
             result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
