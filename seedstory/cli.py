@@ -2,6 +2,8 @@
 
     generate   tell a story from a picture and an opening text
     convert    turn the released SEED-Story files into our from_pretrained format
+    doctor     check a preset's files in seconds, without loading weights
+    extract-vit  take the visual tokenizer out of a Qwen-VL-Chat download
     export     write a saved story as a comic page, HTML, PDF, GIF or zip
     presets    list the model presets
 """
@@ -88,8 +90,29 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoints.release import convert_release
 
-    out = convert_release(args.release, args.out, preset=args.preset, overwrite=args.force)
+    out = convert_release(args.release, args.out, preset=args.preset, overwrite=args.force, dtype=args.dtype)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import diagnose
+
+    report = diagnose(args.preset, args.set)
+    print(report.markdown() if args.markdown else report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_extract_vit(args) -> int:
+    from .checkpoints.qwen_vl import extract_qwen_vit
+    from .config import DTYPES
+
+    cfg = load_preset(args.preset)
+    written = extract_qwen_vit(args.qwen_vl_chat, args.out, vit_config=cfg.get("visual_tokenizer") or {},
+                               force=args.force, write_pt=args.pt, dtype=DTYPES[args.dtype] if args.dtype else None,
+                               progress=True)
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -130,7 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="seed-story-george", help="release preset naming the files")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="dtype written (default fp32, lossless; bf16 halves the size; the VAE stays fp32)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("doctor", help="check a preset's files in seconds, without loading weights")
+    p.add_argument("--preset", default="seed-story-george", help="preset name or YAML path (default seed-story-george)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. runtime.dtype=fp16")
+    p.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("extract-vit", help="write visual_tokenizer/qwen_vit_G.safetensors from a Qwen-VL-Chat download")
+    p.add_argument("--qwen-vl-chat", required=True, metavar="DIR", help="local Qwen/Qwen-VL-Chat folder (shards)")
+    p.add_argument("--out", default="pretrained/visual_tokenizer/",
+                   help="output folder (writes qwen_vit_G.safetensors) or a .safetensors/.pt file name")
+    p.add_argument("--pt", action="store_true", help="also write qwen_vit_G.pt (the release's file name)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the tensors (default: as stored, bf16)")
+    p.add_argument("--preset", default="seed-story-george", help="preset whose visual_tokenizer sizes are checked")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(func=cmd_extract_vit)
 
     p = sub.add_parser("export", help="export a saved story")
     p.add_argument("story", help="a saved story folder or .zip")

@@ -121,3 +121,52 @@ class GenerationSettings:
             if not ok:
                 raise PresetError(message)
         return self
+
+
+LLM_QUANTIZATION = ("8bit", "4bit")
+_FALSE = (None, False, "none", "None", "no", "false", "off", "")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """A preset's ``runtime`` section, resolved and checked before anything loads."""
+
+    device: torch.device
+    dtype: torch.dtype
+    cpu_offload: bool = False  # ViT and de-tokenizer live on the CPU, each moved to ``device`` only while it runs
+    llm_quantization: Optional[str] = None  # None, "8bit" or "4bit" (bitsandbytes; the LLM's decoder Linears)
+
+
+def runtime_options(runtime: Any = None, device=None, dtype: Optional[torch.dtype] = None) -> RuntimeOptions:
+    """Resolve ``runtime`` (``device``, ``dtype``, ``cpu_offload``, ``llm_quantization``); ``device``/``dtype``
+    given by the caller win. Raises PresetError for unknown values, and for quantization without a CUDA device
+    or without the bitsandbytes package, so a preset fails before minutes of loading."""
+    if isinstance(runtime, DictConfig):
+        runtime = OmegaConf.to_container(runtime, resolve=True)
+    runtime = dict(runtime or {})
+    device = resolve_device(runtime.get("device")) if device is None else torch.device(device)
+    dtype = dtype or resolve_dtype(runtime.get("dtype"), device)
+    offload = runtime.get("cpu_offload", False)
+    if isinstance(offload, str):
+        if offload.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            raise PresetError(f"runtime.cpu_offload must be true or false, got {offload!r}")
+        offload = offload.lower() in ("true", "yes", "on", "1")
+    quant = runtime.get("llm_quantization")
+    quant = None if quant in _FALSE else str(quant).lower().replace("-", "")
+    if quant in ("int8", "8"):
+        quant = "8bit"
+    if quant in ("int4", "nf4", "4"):
+        quant = "4bit"
+    if quant is not None:
+        if quant not in LLM_QUANTIZATION:
+            raise PresetError(f"runtime.llm_quantization must be none, 8bit or 4bit, got {runtime['llm_quantization']!r}")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise PresetError(f"runtime.llm_quantization={quant} needs a CUDA GPU (bitsandbytes kernels), but the "
+                              f"device is {device.type}{'' if torch.cuda.is_available() else ' (no CUDA GPU found)'}; "
+                              "set runtime.llm_quantization=none")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PresetError(f"runtime.llm_quantization={quant} needs the bitsandbytes package "
+                              "(pip install bitsandbytes); or set runtime.llm_quantization=none")
+    return RuntimeOptions(device, dtype, bool(offload), quant)

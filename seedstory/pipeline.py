@@ -8,9 +8,15 @@ Components are passed in explicitly (diffusers style). ``from_preset`` builds th
     DIR/visual_tokenizer/     config.json + safetensors
     DIR/agent/                llm/ (transformers), input_resampler/, output_resampler/
     DIR/detokenizer/          resampler/, unet/, vae/, scheduler/
+
+Low-VRAM placement (``place``, from a preset's ``runtime``): with ``cpu_offload`` the ViT and the de-tokenizer
+stay on the CPU and each is moved to ``offload_device`` only while it runs (``encode_image``,
+``negative_features``, ``paint``); the LLM stays on the GPU. ``llm_quantization`` swaps the LLM's decoder
+Linears for bitsandbytes 8-/4-bit layers (``seedstory.checkpoints.quantization``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -19,7 +25,7 @@ from typing import Optional, Union
 import torch
 from PIL import Image
 
-from .config import GenerationSettings, PresetError, load_preset, resolve_device, resolve_dtype, resolve_path
+from .config import GenerationSettings, PresetError, load_preset, resolve_device, resolve_path, runtime_options
 from .image_processing import ImageProcessor
 from .models.agent import SeedStoryAgent
 from .models.detokenizer import Detokenizer
@@ -50,6 +56,9 @@ class SeedStoryPipeline:
         self.prompt = PromptFormat(tokenizer, agent.num_img_tokens)
         self.image_processor = ImageProcessor(visual_tokenizer.config.image_size)
         self._negative: Optional[torch.Tensor] = None
+        # Set by ``place(cpu_offload=True)``: where the CPU-resident ViT and de-tokenizer run.
+        self.offload_device: Optional[torch.device] = None
+        self.llm_quantization: Optional[str] = None
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -73,21 +82,63 @@ class SeedStoryPipeline:
         return self.agent.device
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SeedStoryPipeline":
-        for module in (self.visual_tokenizer, self.agent, self.detokenizer):
-            module.to(device=device, dtype=dtype)
+        """Move/cast every component. With CPU offload on, only the agent moves; the ViT and de-tokenizer
+        are cast but stay on the CPU and will run on ``device``."""
+        if self.offload_device is not None:
+            self.agent.to(device=device, dtype=dtype)
+            for module in (self.visual_tokenizer, self.detokenizer):
+                module.to(dtype=dtype)
+            if device is not None:
+                self.offload_device = torch.device(device)
+        else:
+            for module in (self.visual_tokenizer, self.agent, self.detokenizer):
+                module.to(device=device, dtype=dtype)
         self._negative = None
         return self
+
+    def place(self, device, cpu_offload: bool = False, llm_quantization: Optional[str] = None) -> "SeedStoryPipeline":
+        """Put the components where a preset's ``runtime`` says, keeping each one's dtype (so an fp32 VAE
+        stays fp32). ``llm_quantization`` ("8bit"/"4bit", CUDA + bitsandbytes) quantizes the LLM's decoder
+        Linears layer by layer on their way to ``device``; ``cpu_offload`` keeps the ViT and the de-tokenizer
+        on the CPU, moving each to ``device`` only while it runs."""
+        device = torch.device(device)
+        if llm_quantization:
+            from .checkpoints.quantization import quantize_llm
+
+            quantize_llm(self.agent.llm, llm_quantization, device, compute_dtype=self.agent.dtype)
+            self.llm_quantization = llm_quantization
+        self.agent.to(device)
+        home = torch.device("cpu") if cpu_offload else device
+        self.visual_tokenizer.to(home)
+        self.detokenizer.to(home)
+        self.offload_device = device if cpu_offload else None
+        self._negative = None
+        return self
+
+    @contextlib.contextmanager
+    def _running(self, module: torch.nn.Module):
+        """Run ``module`` on ``offload_device`` (moved there for the duration) when CPU offload is on."""
+        if self.offload_device is None:
+            yield module
+            return
+        module.to(self.offload_device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
 
     # -- images ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> ViT features [1, n_queries, D] (fp32, on CPU, so frames can be stored anywhere)."""
-        pixels = self.image_processor(image).to(self.visual_tokenizer.device, self.visual_tokenizer.dtype)
-        return self.visual_tokenizer(pixels).float().cpu()
+        with self._running(self.visual_tokenizer) as vit:
+            pixels = self.image_processor(image).to(vit.device, vit.dtype)
+            return vit(pixels).float().cpu()
 
     def negative_features(self) -> torch.Tensor:
         if self._negative is None:
-            self._negative = self.visual_tokenizer.unconditional_features().float().cpu()
+            with self._running(self.visual_tokenizer) as vit:
+                self._negative = vit.unconditional_features().float().cpu()
         return self._negative
 
     @torch.no_grad()
@@ -100,21 +151,25 @@ class SeedStoryPipeline:
     ) -> Image.Image:
         """Features [1, n, D] -> one PIL image, through the de-tokenizer with the zero-image negative."""
         s = settings or self.settings
-        dev, dt = self.detokenizer.unet.device, self.detokenizer.unet.dtype
-        return self.detokenizer.generate(
-            features.to(dev, dt),
-            negative_features=self.negative_features().to(dev, dt),
-            num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale,
-            height=s.height,
-            width=s.width,
-            seed=s.seed if seed is None else seed,
-            scheduler=s.scheduler,
-            callback=callback,
-        )[0]
+        negative = self.negative_features()  # before the de-tokenizer takes the GPU
+        with self._running(self.detokenizer) as detok:
+            dev, dt = detok.unet.device, detok.unet.dtype
+            return detok.generate(
+                features.to(dev, dt),
+                negative_features=negative.to(dev, dt),
+                num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale,
+                height=s.height,
+                width=s.width,
+                seed=s.seed if seed is None else seed,
+                scheduler=s.scheduler,
+                callback=callback,
+            )[0]
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:
+        if self.llm_quantization:
+            raise ValueError("a pipeline with a quantized LLM cannot be saved; load it without llm_quantization")
         os.makedirs(path, exist_ok=True)
         self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
         self.visual_tokenizer.save_pretrained(os.path.join(path, "visual_tokenizer"))
@@ -130,7 +185,7 @@ class SeedStoryPipeline:
         cls, path: str, device: Union[str, torch.device, None] = None, torch_dtype: Optional[torch.dtype] = None
     ) -> "SeedStoryPipeline":
         """Load a directory written by ``save_pretrained`` (or ``python -m seedstory convert``)."""
-        from transformers import AutoTokenizer
+        from .tokens import load_tokenizer
 
         meta_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(meta_path):
@@ -141,7 +196,7 @@ class SeedStoryPipeline:
             raise PresetError(f"{meta_path} is not a seedstory model config")
         device = resolve_device(device) if not isinstance(device, torch.device) else device
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), meta.get("num_img_tokens"))
         vit = QwenVisionTransformer.from_pretrained(os.path.join(path, "visual_tokenizer"), **kw)
         agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype)
         detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype)
@@ -152,24 +207,28 @@ class SeedStoryPipeline:
     def from_preset(cls, preset, overrides=None) -> "SeedStoryPipeline":
         """Build from a preset name/path or an already-loaded preset config."""
         cfg = load_preset(preset, overrides) if isinstance(preset, str) else preset
-        runtime = cfg.get("runtime", {}) or {}
-        device = resolve_device(runtime.get("device"))
-        dtype = resolve_dtype(runtime.get("dtype"), device)
+        # runtime: device, dtype, cpu_offload, llm_quantization; checked before anything loads.
+        rt = runtime_options(cfg.get("runtime", {}) or {})
+        device, dtype = rt.device, rt.dtype
+        low_vram = rt.cpu_offload or rt.llm_quantization is not None
         settings = GenerationSettings.from_config(cfg.get("generation", {}))
         source = cfg.get("source", "random")
         if source == "random":
             pipe = _build_random(cfg, settings)
-            pipe = pipe.to(device, dtype)
+            pipe = pipe.to("cpu" if low_vram else device, dtype)
         elif source == "pretrained":
-            pipe = cls.from_pretrained(resolve_path(cfg.path), device=device, torch_dtype=dtype)
+            pipe = cls.from_pretrained(resolve_path(cfg.path), device="cpu" if low_vram else device,
+                                       torch_dtype=dtype)
             pipe.settings = settings if cfg.get("generation") else pipe.settings
         elif source == "release":
             from .checkpoints.release import load_release_pipeline
 
-            pipe = load_release_pipeline(cfg, device=device, dtype=dtype)
+            pipe = load_release_pipeline(cfg, device=device, dtype=dtype)  # places it per cfg.runtime
             pipe.settings = settings
         else:
             raise PresetError(f"unknown preset source {source!r} (random, pretrained or release)")
+        if source != "release" and low_vram:
+            pipe.place(device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization)
         pipe.name = cfg.get("name", pipe.name)
         return pipe
 
@@ -187,9 +246,9 @@ def _build_random(cfg, settings: GenerationSettings) -> SeedStoryPipeline:
     if tok_cfg.get("type") == "byte":
         tokenizer = build_byte_tokenizer(n_img)
     else:
-        from transformers import AutoTokenizer
+        from .tokens import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_path(tok_cfg["path"]))
+        tokenizer = load_tokenizer(resolve_path(tok_cfg["path"]), n_img)
     vit = QwenVisionTransformer(**c["visual_tokenizer"])
     agent_cfg = dict(c["agent"])
     llm_cfg = dict(agent_cfg["llm"])

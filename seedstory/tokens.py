@@ -80,6 +80,37 @@ def neutralize_text(text: str, max_chars: int | None = None) -> str:
     return text
 
 
+_SENTENCEPIECE_LLAMA = ("LlamaTokenizer", "ReleaseLlamaTokenizer")
+
+
+def load_tokenizer(path: str, num_img_tokens: int | None = None):
+    """Load a saved tokenizer folder from local files: a SentencePiece Llama tokenizer saved in the slow layout
+    (``tokenizer.model`` without ``tokenizer.json``, class ``LlamaTokenizer``/``ReleaseLlamaTokenizer``, as
+    the release's ``cvlm_llama2_tokenizer`` and its re-saves) goes through
+    ``seedstory.checkpoints.release.load_release_tokenizer`` (same ``legacy`` rules as the release); anything
+    else through ``AutoTokenizer``. ``num_img_tokens``: check the image tokens are there (None: no check)."""
+    import json
+    import os
+
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    cls = None
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cls = json.load(f).get("tokenizer_class")
+    slow = os.path.isfile(os.path.join(path, "tokenizer.model")) and not os.path.isfile(
+        os.path.join(path, "tokenizer.json"))
+    if slow and cls in _SENTENCEPIECE_LLAMA:
+        from .checkpoints.release import load_release_tokenizer
+
+        return load_release_tokenizer(path, num_img_tokens)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if num_img_tokens is not None:
+        ImageTokenIds.from_tokenizer(tok, num_img_tokens)
+    return tok
+
+
 def build_byte_tokenizer(num_img_tokens: int = 64):
     """A byte-level tokenizer made in code (no files, no downloads) for tiny random presets.
 

@@ -1,14 +1,21 @@
 """Loading the released checkpoints (seedstory.checkpoints.release) from tiny fakes in the exact release
 formats, plus a full-size meta-device check of our modules' names and shapes against the packaged manifests."""
-import io
-import json
 import os
-import random
 import re
 
 import pytest
 import torch
 
+from fake_release import (
+    UNET_TRAINED,
+    make_peft_agent,
+    release_agent_state,
+    release_detokenizer_state,
+    train_sp_model,
+    write_llama_base,
+    write_sdxl_base,
+    write_tokenizer_dir,
+)
 from seedstory.checkpoints.release import (
     RELEASE_FILES,
     CheckpointError,
@@ -40,9 +47,6 @@ AGENT_CFG = {
     "lora_alpha": 8,
     "lora_r": 4,
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BASE_LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
-UNET_TRAINED = re.compile(r"\.attn[12]\.to_[kv]\.weight$")
 
 
 def _template(keys):
@@ -57,77 +61,17 @@ class NotATensor:  # a pickled instance of this must be refused (weights_only)
 
 
 def _make_reference(base_sd, perturb_frozen: bool) -> SeedStoryAgent:
-    """The unmerged model as the release trained it: real peft LoRA + modules_to_save around a Llama whose
-    vocabulary was resized, with non-trivial LoRA B, norms and new embedding rows."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    llm = LlamaForCausalLM(LlamaConfig(**LLM))
-    llm.load_state_dict(base_sd)
-    llm.resize_token_embeddings(VOCAB, mean_resizing=False)
-    peft_cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                          modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
-    llm = get_peft_model(llm, peft_cfg)
-    inp = QwenResampler(**AGENT_CFG["input_resampler"])
-    out = QwenResampler(**AGENT_CFG["output_resampler"])
-    with torch.no_grad():
-        for n, p in llm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-            elif "modules_to_save" in n:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "embed_tokens" in n or "lm_head" in n:
-                p.add_(0.1 * torch.randn_like(p))
-            elif perturb_frozen and "base_layer" in n:  # a full dump's frozen copies differ from the base folder
-                p.copy_((p + 0.05 * torch.randn_like(p)).bfloat16().float())
-        if perturb_frozen:  # frozen tensors are stored in bf16
-            for m in (inp, out):
-                m.pos_embed.copy_(m.pos_embed.bfloat16().float())
-    return SeedStoryAgent(llm, inp, out).eval()
+    """The unmerged model as the release trained it (tests/fake_release.py: make_peft_agent)."""
+    return make_peft_agent(base_sd, LLM, VOCAB, AGENT_CFG, perturb_frozen, seed=1)
 
 
 def _release_state(agent: SeedStoryAgent, trainable_only: bool) -> dict:
     """What zero_to_fp32 wrote: peft-0.4.0 names, trainable fp32, frozen bf16, inv_freq buffers fp32."""
-    out = {}
-    for k, v in agent.state_dict().items():
-        k = k.replace(".base_layer.", ".")  # peft >= 0.7 -> peft 0.4.0 naming
-        frozen = bool(BASE_LINEAR.search(k)) or k.endswith("pos_embed")
-        if frozen and trainable_only:
-            continue
-        out[k] = v.to(torch.bfloat16 if frozen else torch.float32).clone()
-    hd = LLM["hidden_size"] // LLM["num_attention_heads"]
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)).bfloat16().float()
-    for i in range(LLM["num_hidden_layers"]):
-        out[f"llm.base_model.model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-    return out
+    return release_agent_state(agent, LLM, trainable_only)
 
 
 def _write_base(llm, d, layout: str) -> str:
-    os.makedirs(d)
-    if layout == "safetensors":
-        llm.save_pretrained(d)
-    elif layout == "safetensors_sharded":
-        llm.save_pretrained(d, max_shard_size="20KB")
-        assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
-    else:
-        llm.config.save_pretrained(d)
-        sd = {k: v.clone() for k, v in llm.state_dict().items()}
-        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old HF .bin files carry these
-        if layout == "bin":
-            torch.save(sd, os.path.join(d, "pytorch_model.bin"))
-        elif layout == "bin_sharded":
-            keys = sorted(sd)
-            halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-                      "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
-            for name, ks in halves.items():
-                torch.save({k: sd[k] for k in ks}, os.path.join(d, name))
-            index = {"metadata": {}, "weight_map": {k: n for n, ks in halves.items() for k in ks}}
-            with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
-                json.dump(index, f)
-        else:
-            assert layout == "config_only"
-    return d
+    return write_llama_base(llm, d, layout)
 
 
 @pytest.fixture(scope="module")
@@ -367,30 +311,17 @@ SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_
 
 @pytest.fixture(scope="module")
 def detok_release(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-
     root = tmp_path_factory.mktemp("detok")
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel(**UNET)
     sdxl = root / "stable-diffusion-xl-base-1.0"
-    unet.save_pretrained(str(sdxl / "unet"))
-    AutoencoderKL(**VAE).save_pretrained(str(sdxl / "vae"))
-    EulerDiscreteScheduler(**SCHED).save_pretrained(str(sdxl / "scheduler"))
+    unet = write_sdxl_base(str(sdxl), UNET, VAE, SCHED, seed=3)
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     resampler = ResamplerXL(**RES)
     trained = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items() if UNET_TRAINED.search(k)}
-    res_sd = {"resampler." + k: v.clone() for k, v in resampler.state_dict().items()}
     files = {}
     for variant in ("full", "trainable"):
-        sd = dict(res_sd)
-        for k, v in base.items():
-            if k in trained:
-                sd["unet." + k] = trained[k]
-            elif variant == "full":
-                sd["unet." + k] = v.bfloat16()  # frozen copies, bf16 in the file
         files[variant] = str(root / variant / "pytorch_model.bin")
         os.makedirs(os.path.dirname(files[variant]))
-        torch.save(sd, files[variant])
+        torch.save(release_detokenizer_state(resampler, base, trained, full=variant == "full"), files[variant])
     return {"sdxl": str(sdxl), "files": files, "base": base, "trained": trained, "resampler": resampler}
 
 
@@ -503,43 +434,12 @@ IMAGE_TOKENS = ["<img>", "</img>"] + [f"<img_{i:05d}>" for i in range(64)]
 
 @pytest.fixture(scope="module")
 def sp_model():
-    import sentencepiece as spm
-
-    words = ("george was curious about the big yellow hat man with smiled at they went to park and saw red balloon "
-             "climbed tall tree get kite monkey banana city window jumped happy friend played ball water garden "
-             "flower bird sky blue green small house door opened found story morning night dog cat ran").split()
-    rng = random.Random(0)
-    lines = [("[INST] " if i % 2 else "") + " ".join(rng.choice(words) for _ in range(12)).capitalize() + "."
-             for i in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, model_type="bpe",
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
-    return buf.getvalue()
+    return train_sp_model(300, seed=0)
 
 
 def _tokenizer_dir(d, model: bytes, legacy=None, ids=None, in_config=False):
-    """The release layout (transformers 4.x slow save): tokenizer.model, tokenizer_config.json,
-    special_tokens_map.json and added_tokens.json (or ``added_tokens_decoder`` in the config)."""
-    os.makedirs(d)
-    with open(os.path.join(d, "tokenizer.model"), "wb") as f:
-        f.write(model)
-    ids = ids or {t: 300 + i for i, t in enumerate(IMAGE_TOKENS)}
-    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
-           "clean_up_tokenization_spaces": False}
-    if legacy is not None:
-        cfg["legacy"] = legacy
-    if in_config:
-        cfg["added_tokens_decoder"] = {str(i): {"content": t, "lstrip": False, "normalized": True, "rstrip": False,
-                                                "single_word": False, "special": False} for t, i in ids.items()}
-    else:
-        with open(os.path.join(d, "added_tokens.json"), "w") as f:
-            json.dump(ids, f)
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    with open(os.path.join(d, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
-    return d
+    """The release layout (transformers 4.x slow save), tests/fake_release.py: write_tokenizer_dir."""
+    return write_tokenizer_dir(d, model, legacy, ids, in_config)
 
 
 @pytest.mark.parametrize("legacy", [True, False, None])

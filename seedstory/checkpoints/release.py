@@ -73,10 +73,11 @@ RELEASE_FILES: dict[str, ReleaseFile] = {
                     f"{_SEED_STORY} (detokenizer/detokenizer_george_adapted/checkpoint-4000/pytorch_model.bin)",
                     "detokenizer_george_adapted"),
         ReleaseFile("visual_tokenizer", "visual_tokenizer/qwen_vit_G.pt",
-                    "visual tokenizer (Qwen-VL-Chat's ViT-bigG with attention pool, plain state dict)",
-                    "Hugging Face AILab-CVC/SEED-X-17B, or extract it from Hugging Face Qwen/Qwen-VL-Chat with "
-                    "torch.save(model.transformer.visual.state_dict(), path) (the reference's "
-                    "src/tools/reload_qwen_vit.py, which writes pretrained/QwenViT/qwen_vit_G.pt)", "qwen_vit_G"),
+                    "visual tokenizer (Qwen-VL-Chat's ViT-bigG with attention pool, plain state dict; "
+                    "qwen_vit_G.safetensors in the same folder is accepted too)",
+                    "Hugging Face AILab-CVC/SEED-X-17B, or extract it from a Hugging Face Qwen/Qwen-VL-Chat download "
+                    "with `python -m seedstory extract-vit --qwen-vl-chat DIR --out pretrained/visual_tokenizer/` "
+                    "(what the reference's src/tools/reload_qwen_vit.py does)", "qwen_vit_G"),
         ReleaseFile("tokenizer", "cvlm_llama2_tokenizer",
                     "Llama-2 SentencePiece tokenizer with <img>, </img>, <img_00000>..<img_00063> added",
                     f"{_SEED_STORY} (cvlm_llama2_tokenizer/)", is_dir=True),
@@ -138,6 +139,34 @@ class _SafetensorsDict(Mapping):
         return len(self._keys)
 
 
+def _torch_load(path: str, mmap: bool):
+    """``torch.load(weights_only=True)`` with errors turned into CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(
+                f"{path}: refused: the pickle holds objects other than tensors, and release files are only "
+                f"opened with torch.load(weights_only=True) ({msg[:200]})"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {msg[:200]})") from e
+
+
+def _as_state_dict(path: str, obj) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "module"):
+            if isinstance(obj.get(wrapper), Mapping) and not isinstance(obj.get(wrapper), torch.Tensor):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: not a state dict (entry {k!r} is a {type(v).__name__}, not a tensor)")
+    return obj
+
+
 def read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     """Read a state dict from ``.bin``/``.pt``/``.pth`` (``torch.load(weights_only=True)``, memory-mapped when
     the file is a zip-format pickle) or ``.safetensors`` (tensors read lazily). A top-level ``{"state_dict":
@@ -152,27 +181,93 @@ def read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if not low.endswith((".bin", ".pt", ".pth")):
         raise CheckpointError(f"{path}: unsupported checkpoint type (expected .bin, .pt, .pth or .safetensors)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights only load failed" in str(e).lower():
-            raise CheckpointError(
-                f"{path}: refused: the pickle holds objects other than tensors, and release files are only "
-                f"opened with torch.load(weights_only=True) ({msg[:200]})"
-            ) from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {msg[:200]})") from e
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "module"):
-            if isinstance(obj.get(wrapper), Mapping) and not isinstance(obj.get(wrapper), torch.Tensor):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}: not a state dict (entry {k!r} is a {type(v).__name__}, not a tensor)")
-    return obj
+    return _as_state_dict(path, _torch_load(path, mmap=zipfile.is_zipfile(path)))
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a checkpoint says about one tensor, read without its data."""
+
+    shape: tuple[int, ...]
+    dtype: Optional[torch.dtype]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+# safetensors dtype name -> (torch dtype or None when this torch lacks it, bytes per element)
+_ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+              "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+
+
+def safetensors_header(path: str) -> dict[str, TensorMeta]:
+    """Names, shapes and dtypes from a ``.safetensors`` header (the first few KiB of the file); checks that the
+    file is as long as its header says (a truncated download fails here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or 8 + n > size or n > 512 * 2**20:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes; no valid header)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {e})") from e
+    out, end = {}, 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            name, itemsize = _ST_DTYPES.get(v["dtype"], (None, None))
+            shape = tuple(int(d) for d in v["shape"])
+            start, stop = (int(x) for x in v["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header entry {k!r})") from e
+        meta = TensorMeta(shape, getattr(torch, name, None) if name else None)
+        if itemsize is not None and stop - start != meta.numel * itemsize:
+            raise CheckpointError(f"{path}: corrupt header: {k} {list(shape)} {v['dtype']} does not fit "
+                                  f"{stop - start} bytes")
+        out[k], end = meta, max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the file has {size:,} bytes but its header describes "
+                              f"{8 + n + end:,}; download it again")
+    return out
+
+
+def inspect_checkpoint(path: str) -> Optional[dict[str, TensorMeta]]:
+    """``{key: TensorMeta}`` of a checkpoint without reading tensor data: the header of a ``.safetensors``
+    file, or a memory-mapped ``torch.load(weights_only=True)`` of a zip-format ``.bin``/``.pt`` (only the
+    pickle is read; tensors stay unread on disk). Returns None for a legacy (pre-zip) pickle, which cannot be
+    inspected without loading it. Raises CheckpointError for missing, truncated or unreadable files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found")
+    low = path.lower()
+    if low.endswith(".safetensors"):
+        return safetensors_header(path)
+    if not low.endswith((".bin", ".pt", ".pth")):
+        raise CheckpointError(f"{path}: unsupported checkpoint type (expected .bin, .pt, .pth or .safetensors)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if magic.startswith(b"PK"):
+            raise CheckpointError(f"{path}: truncated or corrupt ({os.path.getsize(path):,} bytes; the zip "
+                                  "directory at its end is missing); download it again")
+        if magic[:1] == b"\x80":
+            return None  # legacy torch.save pickle: no random access
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint")
+    state = _as_state_dict(path, _torch_load(path, mmap=True))
+    return {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def meta_state(info: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
+    """Data-less stand-ins (meta tensors) for the tensors ``inspect_checkpoint`` describes, so the loaders'
+    checks run on a file's header alone."""
+    return {k: torch.empty(m.shape, dtype=m.dtype or torch.float32, device="meta") for k, m in info.items()}
 
 
 # -- validation ------------------------------------------------------------------------------------------------
@@ -361,24 +456,34 @@ def _parse_agent_key(key: str) -> tuple[str, str]:
 
 class _LlamaBase:
     """A Llama base folder in HF layout: ``config.json`` plus ``model.safetensors`` / ``pytorch_model.bin``,
-    sharded with an index or not. Weights are read per key, only when needed."""
+    sharded with an index or not. Key lists and shapes come from headers; weights are read per key, only when
+    needed."""
 
     def __init__(self, path: str):
         _require(os.path.join(path, "config.json"), ("llama2_7b",))
         self.path = path
         self.key_file: dict[str, str] = {}
         self._files: dict[str, Mapping] = {}
+        self._headers: dict[str, dict] = {}
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if os.path.isfile(os.path.join(path, index)):
-                with open(os.path.join(path, index)) as f:
-                    weight_map = json.load(f)["weight_map"]
+                try:
+                    with open(os.path.join(path, index)) as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (ValueError, KeyError) as e:
+                    raise CheckpointError(f"{os.path.join(path, index)}: not a weight index ({e})") from e
                 self.key_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
                 break
             if os.path.isfile(os.path.join(path, single)):
                 file = os.path.join(path, single)
-                self.key_file = {k: file for k in self._open(file)}
+                self.key_file = {k: file for k in self.header(file)}
                 break
+
+    @property
+    def missing_files(self) -> list[str]:
+        """Shards the index names that are not on disk."""
+        return sorted({f for f in self.key_file.values() if not os.path.isfile(f)})
 
     def config(self):
         from transformers import LlamaConfig
@@ -387,6 +492,17 @@ class _LlamaBase:
             return LlamaConfig.from_pretrained(self.path, local_files_only=True)
         except Exception as e:
             raise CheckpointError(f"{self.path}/config.json: not a readable Llama config ({e})") from e
+
+    def header(self, file: str) -> dict:
+        if file not in self._headers:
+            info = inspect_checkpoint(file)
+            if info is None:  # legacy pickle: no header to read
+                info = {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in self._open(file).items()}
+            self._headers[file] = info
+        return self._headers[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.header(self.key_file[key])[key].shape
 
     def _open(self, file: str) -> Mapping:
         if file not in self._files:
@@ -407,55 +523,90 @@ class _LlamaBase:
 # -- agent: loading ------------------------------------------------------------------------------------------
 
 
-def load_release_agent(
-    agent_path: str,
-    llm_base_dir: str,
-    config: dict,
-    dtype: Optional[torch.dtype] = None,
-    vocab_size: Optional[int] = None,
-):
-    """Load a released agent (``seed_story/george_sft`` or ``seedx/checkpoint-30000``) into a
-    ``SeedStoryAgent`` whose ``llm`` is a plain ``LlamaForCausalLM`` with the LoRA merged.
+@dataclass
+class AgentPlan:
+    """What ``check_release_agent`` found: everything needed to build the agent, all checked, nothing merged."""
 
-    ``llm_base_dir``: Llama-2-7b-hf (HF layout); its ``config.json`` defines the architecture and its weights
-    fill whatever the file lacks (a trainable-only file has no frozen base linears). The vocabulary is resized
-    to the file's ``embed_tokens`` rows (or ``vocab_size``); rows beyond the base come from the file.
-    ``config``: ``input_resampler`` and ``output_resampler`` (QwenResampler kwargs), optional ``llm``
-    (LlamaConfig overrides), ``lora_alpha`` (32), ``lora_r`` (checked against the file; read from the
-    ``lora_A`` shapes), ``lm_loss_scale``/``rec_loss_scale``.
-    Per linear ``W + (lora_alpha / r) * B @ A`` is computed in fp32, then cast to ``dtype`` (default fp32);
-    norms use ``modules_to_save.default``; ``original_module`` and ``rotary_emb.inv_freq`` are ignored; base
-    weights found in the file override the base folder. A missing ``*_resampler.pos_embed`` (frozen, so
-    absent from trainable-only files) is the deterministic 2D sin-cos table."""
-    from transformers import LlamaForCausalLM
+    path: str
+    llm_config: object  # transformers LlamaConfig
+    expected: dict  # Llama state-dict key -> shape
+    parts: dict  # kind -> {target key: tensor (or meta tensor)}
+    base: _LlamaBase
+    from_base: list  # Llama keys the file lacks, taken from the base folder
+    input_resampler: object  # meta-initialized QwenResampler
+    output_resampler: object
+    resampler_missing: dict  # name -> keys absent from the file (pos_embed: deterministic)
+    lora_alpha: float
+    lora_r: Optional[int]
+    scales: dict
 
-    from ..models.agent import SeedStoryAgent
-    from ..models.qwen_resampler import QwenResampler, sincos_2d
+    @property
+    def llm_parameters(self) -> int:
+        return sum(_numel(s) for s in self.expected.values())
 
-    _require(agent_path, AGENT_FILES)
-    dtype = dtype or torch.float32
+    @property
+    def linear_parameters(self) -> int:
+        """Parameters of the decoder's Linear layers (what 8-/4-bit quantization shrinks)."""
+        return sum(_numel(s) for k, s in self.expected.items()
+                   if ".layers." in k and len(s) == 2 and k.endswith("_proj.weight"))
+
+    @property
+    def resampler_parameters(self) -> int:
+        return sum(p.numel() for m in (self.input_resampler, self.output_resampler) for p in m.parameters())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _agent_config(config: Mapping) -> dict:
     cfg = dict(config)
     for name in ("input_resampler", "output_resampler"):
         if name not in cfg:
             raise CheckpointError(f"agent config needs {name!r} (QwenResampler kwargs)")
-    state = read_state_dict(agent_path)
+    return cfg
+
+
+def check_release_agent(
+    agent_path: str,
+    llm_base_dir: str,
+    config: dict,
+    vocab_size: Optional[int] = None,
+    state: Optional[Mapping[str, torch.Tensor]] = None,
+) -> AgentPlan:
+    """Every check ``load_release_agent`` makes, without merging (``state``: the file's tensors, or meta
+    tensors from ``meta_state(inspect_checkpoint(path))`` to check a file from its header alone). Raises
+    CheckpointError; returns an ``AgentPlan``."""
+    from transformers import LlamaForCausalLM
+
+    from ..models.qwen_resampler import QwenResampler
+
+    _require(agent_path, AGENT_FILES)
+    cfg = _agent_config(config)
+    if state is None:
+        state = read_state_dict(agent_path)
     base = _LlamaBase(llm_base_dir)
 
     # Architecture: the base config, vocabulary from the file (or vocab_size), untied head (both trained).
     emb_key = LLM_PREFIX + "model.embed_tokens.weight"
     file_vocab = state[emb_key].shape[0] if emb_key in state else None
     if vocab_size is not None and file_vocab is not None and vocab_size != file_vocab:
-        raise CheckpointError(f"{agent_path}: embed_tokens has {file_vocab} rows but vocab_size={vocab_size}")
+        raise CheckpointError(f"{agent_path}: embed_tokens has {file_vocab} rows but vocab_size={vocab_size} "
+                              "(the tokenizer's length): is the tokenizer the one this agent was trained with?")
     llm_config = base.config()
     for k, v in dict(cfg.get("llm") or {}).items():
         setattr(llm_config, k, v)
     llm_config.vocab_size = vocab_size or file_vocab or llm_config.vocab_size
     llm_config.tie_word_embeddings = False
-    with _empty_init():
+    with torch.device("meta"):
         llm = LlamaForCausalLM(llm_config)
         inp = QwenResampler(**cfg["input_resampler"])
         out = QwenResampler(**cfg["output_resampler"])
     expected = _shapes(llm)
+    del llm
 
     # Sort the file's keys.
     parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in
@@ -497,7 +648,7 @@ def load_release_agent(
     if bad:
         raise _shape_error(agent_path, bad, "the agent's language model")
 
-    # Everything the file lacks must come from the base folder.
+    # Everything the file lacks must come from the base folder, with the right shapes.
     need = [k for k in expected if k not in parts["plain"] and k not in parts["saved"]]
     lacking = [k for k in need if k not in base]
     if lacking:
@@ -506,23 +657,75 @@ def load_release_agent(
             f"{base.where()} either: {_first(lacking)}. Put the Llama-2-7b-hf weights there "
             f"({RELEASE_FILES['llama2_7b'].source})."
         )
+    gone = sorted({base.key_file[k] for k in need if not os.path.isfile(base.key_file[k])})
+    if gone:
+        raise CheckpointError(
+            f"{llm_base_dir}: {len(gone)} weight shard(s) listed in its index are missing: {_first(gone)} "
+            f"({agent_path} does not hold those weights). Download them again "
+            f"({RELEASE_FILES['llama2_7b'].source})."
+        )
+    for k in need:
+        if base.shape(k) != expected[k]:
+            raise CheckpointError(
+                f"{llm_base_dir}: {k} has shape {list(base.shape(k))} but the agent needs {list(expected[k])}, "
+                f"and {agent_path} does not provide it"
+            )
+
+    missing_res = {}
+    for name, module in (("input_resampler", inp), ("output_resampler", out)):
+        missing_res[name] = check_state_dict(agent_path, parts[name], _shapes(module),
+                                             what=f"the agent's {name}", defaults=("pos_embed",))
+    scales = {k: float(cfg[k]) for k in ("lm_loss_scale", "rec_loss_scale") if k in cfg}
+    return AgentPlan(agent_path, llm_config, expected, parts, base, need, inp, out, missing_res, alpha,
+                     None if lora_r is None else int(lora_r), scales)
+
+
+def load_release_agent(
+    agent_path: str,
+    llm_base_dir: str,
+    config: dict,
+    dtype: Optional[torch.dtype] = None,
+    vocab_size: Optional[int] = None,
+):
+    """Load a released agent (``seed_story/george_sft`` or ``seedx/checkpoint-30000``) into a
+    ``SeedStoryAgent`` whose ``llm`` is a plain ``LlamaForCausalLM`` with the LoRA merged.
+
+    ``llm_base_dir``: Llama-2-7b-hf (HF layout); its ``config.json`` defines the architecture and its weights
+    fill whatever the file lacks (a trainable-only file has no frozen base linears). The vocabulary is resized
+    to the file's ``embed_tokens`` rows (or ``vocab_size``); rows beyond the base come from the file.
+    ``config``: ``input_resampler`` and ``output_resampler`` (QwenResampler kwargs), optional ``llm``
+    (LlamaConfig overrides), ``lora_alpha`` (32), ``lora_r`` (checked against the file; read from the
+    ``lora_A`` shapes), ``lm_loss_scale``/``rec_loss_scale``.
+    Per linear ``W + (lora_alpha / r) * B @ A`` is computed in fp32, then cast to ``dtype`` (default fp32);
+    norms use ``modules_to_save.default``; ``original_module`` and ``rotary_emb.inv_freq`` are ignored; base
+    weights found in the file override the base folder. A missing ``*_resampler.pos_embed`` (frozen, so
+    absent from trainable-only files) is the deterministic 2D sin-cos table. All checks
+    (``check_release_agent``) pass before anything is merged."""
+    from transformers import LlamaForCausalLM
+
+    from ..models.agent import SeedStoryAgent
+    from ..models.qwen_resampler import QwenResampler, sincos_2d
+
+    plan = check_release_agent(agent_path, llm_base_dir, config, vocab_size)
+    dtype = dtype or torch.float32
+    cfg = _agent_config(config)
+    parts, base = plan.parts, plan.base
+    with _empty_init():
+        llm = LlamaForCausalLM(plan.llm_config)
+        inp = QwenResampler(**cfg["input_resampler"])
+        out = QwenResampler(**cfg["output_resampler"])
 
     merged = {}
-    for k in expected:
+    for k in plan.expected:
         if k in parts["saved"]:
             w = parts["saved"][k]
         elif k in parts["plain"]:
             w = parts["plain"][k]
         else:
             w = base[k]
-            if tuple(w.shape) != expected[k]:
-                raise CheckpointError(
-                    f"{llm_base_dir}: {k} has shape {list(w.shape)} but the agent needs {list(expected[k])}, "
-                    f"and {agent_path} does not provide it"
-                )
         if k in parts["lora_A"]:
             a, b = parts["lora_A"][k], parts["lora_B"][k]
-            delta = (alpha / a.shape[0]) * (b.float() @ a.float())
+            delta = (plan.lora_alpha / a.shape[0]) * (b.float() @ a.float())
             w = (w.float() + delta).to(dtype)
         else:
             w = w.to(dtype=dtype, copy=True)
@@ -531,26 +734,71 @@ def load_release_agent(
     del merged
 
     for name, module in (("input_resampler", inp), ("output_resampler", out)):
-        sub = parts[name]
-        missing = check_state_dict(agent_path, sub, _shapes(module), what=f"the agent's {name}",
-                                   defaults=("pos_embed",))
-        sub = dict(sub)
-        if "pos_embed" in missing:
+        sub = dict(parts[name])
+        if "pos_embed" in plan.resampler_missing[name]:
             sub["pos_embed"] = sincos_2d(module.embed_dim, int(round(module.num_queries**0.5)))
         _assign(module, sub, dtype)
 
-    scales = {k: float(cfg[k]) for k in ("lm_loss_scale", "rec_loss_scale") if k in cfg}
-    return SeedStoryAgent(llm, inp, out, **scales).eval()
+    return SeedStoryAgent(llm, inp, out, **plan.scales).eval()
 
 
 # -- visual tokenizer --------------------------------------------------------------------------------------
 
 
-def load_release_visual_tokenizer(path: str, config: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
-    """``visual_tokenizer/qwen_vit_G.pt`` -> ``QwenVisionTransformer(**config)`` (release defaults when
-    ``config`` is None). The file is a plain state dict with our names; all 594 keys are required."""
+VISUAL_TOKENIZER_NAMES = ("qwen_vit_G.pt", "qwen_vit_G.safetensors")
+
+
+def resolve_visual_tokenizer_path(path: str) -> str:
+    """The visual tokenizer file a preset path stands for: the path itself when it exists; for a folder, the
+    first of ``VISUAL_TOKENIZER_NAMES`` in it; otherwise the same name with the other extension
+    (``qwen_vit_G.pt`` <-> ``qwen_vit_G.safetensors``, what ``python -m seedstory extract-vit`` writes).
+    Returns ``path`` unchanged when none exists."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in VISUAL_TOKENIZER_NAMES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        return os.path.join(path, VISUAL_TOKENIZER_NAMES[0])
+    stem, ext = os.path.splitext(path)
+    if ext.lower() in (".pt", ".pth", ".bin", ".safetensors"):
+        for alt in (".pt", ".safetensors", ".pth", ".bin"):
+            if os.path.isfile(stem + alt):
+                return stem + alt
+    return path
+
+
+def _vit_shapes(config: Optional[Mapping]) -> dict[str, tuple[int, ...]]:
+    return dict(_vit_shapes_cached(json.dumps(dict(config or {}), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _vit_shapes_cached(config_json: str) -> tuple:
     from ..models.qwen_vit import QwenVisionTransformer
 
+    with torch.device("meta"):
+        return tuple(_shapes(QwenVisionTransformer(**json.loads(config_json))).items())
+
+
+def check_release_visual_tokenizer(path: str, config: Optional[Mapping] = None,
+                                   state: Optional[Mapping] = None) -> dict[str, tuple[int, ...]]:
+    """Check a visual tokenizer file (or ``state``: tensors, meta tensors or shapes) against
+    ``QwenVisionTransformer(**config)``; returns the expected ``{key: shape}``."""
+    path = resolve_visual_tokenizer_path(path)
+    _require(path, ("visual_tokenizer",))
+    expected = _vit_shapes(config)
+    check_state_dict(path, read_state_dict(path) if state is None else state, expected,
+                     what="the visual tokenizer (QwenVisionTransformer)")
+    return expected
+
+
+def load_release_visual_tokenizer(path: str, config: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
+    """``visual_tokenizer/qwen_vit_G.pt`` (or ``qwen_vit_G.safetensors``, see ``resolve_visual_tokenizer_path``)
+    -> ``QwenVisionTransformer(**config)`` (release defaults when ``config`` is None). The file is a plain state
+    dict with our names; all 594 keys are required."""
+    from ..models.qwen_vit import QwenVisionTransformer
+
+    path = resolve_visual_tokenizer_path(path)
     _require(path, ("visual_tokenizer",))
     state = read_state_dict(path)
     with _empty_init():
@@ -612,6 +860,7 @@ def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, d
     _require(path, DETOKENIZER_FILES)
     for sub, cfg_name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         _require(os.path.join(sdxl_dir, sub, cfg_name), ("sdxl_base",))
+    check_release_detokenizer(path, sdxl_dir, resampler_config)  # before the 2.6 B-parameter UNet is read
     dtype = dtype or torch.float32
     unet = _diffusers_local(UNet2DConditionModel, sdxl_dir, "unet", dtype)
     with _empty_init():
@@ -621,6 +870,107 @@ def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, d
     vae = _diffusers_local(AutoencoderKL, sdxl_dir, "vae", torch.float32)
     scheduler = EulerDiscreteScheduler.from_pretrained(sdxl_dir, subfolder="scheduler")
     return resampler.eval(), unet.eval(), vae.eval(), scheduler
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+
+
+def diffusers_weight_files(folder: str) -> tuple[list[str], list[str]]:
+    """``(present, missing)`` weight files of a diffusers component folder (``unet/``, ``vae/``): the first
+    of the single-file names that exists, or the shards an index lists. ``([], [])`` when there are none."""
+    for name in DIFFUSERS_WEIGHTS:
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    files = sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a weight index ({e})") from e
+            return [f for f in files if os.path.isfile(f)], [f for f in files if not os.path.isfile(f)]
+        if os.path.isfile(os.path.join(folder, name)):
+            return [os.path.join(folder, name)], []
+    return [], []
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from e
+
+
+def sdxl_component_shapes(sdxl_dir: str, component: str) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the SDXL base ``unet`` or ``vae`` its ``config.json`` describes (built on the meta
+    device: no weights are read)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[component]
+    path = os.path.join(sdxl_dir, component, "config.json")
+    _require(path, ("sdxl_base",))
+    cfg = _read_json(path, f"{cls.__name__} config")
+    return dict(_diffusers_shapes(component, json.dumps(cfg, sort_keys=True), path))
+
+
+@functools.lru_cache(maxsize=8)
+def _diffusers_shapes(component: str, config_json: str, path: str) -> tuple:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[component]
+    try:
+        with torch.device("meta"):
+            return tuple(_shapes(cls.from_config(json.loads(config_json))).items())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a usable {cls.__name__} config ({type(e).__name__}: {e})") from e
+
+
+def check_release_detokenizer(path: str, sdxl_dir: str, resampler_config: Mapping,
+                              state: Optional[Mapping] = None) -> dict:
+    """Every check ``load_release_detokenizer`` makes, from shapes alone (``state``: tensors, meta tensors or
+    shapes; default: read the file). UNet keys the file lacks must be in the SDXL base UNet weights (checked
+    from their headers). Returns ``{"resampler": shapes, "unet": shapes, "from_base": [unet keys]}``."""
+    from ..models.resampler_xl import ResamplerXL
+
+    _require(path, DETOKENIZER_FILES)
+    unet_shapes = sdxl_component_shapes(sdxl_dir, "unet")
+    with torch.device("meta"):
+        res_shapes = _shapes(ResamplerXL(**dict(resampler_config)))
+    state = read_state_dict(path) if state is None else state
+    res, un, other = {}, {}, []
+    for k in state:
+        if k.startswith("resampler."):
+            res[k[len("resampler."):]] = state[k]
+        elif k.startswith("unet."):
+            un[k[len("unet."):]] = state[k]
+        else:
+            other.append(k)
+    if other:
+        raise _unknown_error(path, other, "a SEED-Story de-tokenizer (resampler.* and unet.*)")
+    check_state_dict(path, res, res_shapes, what="the de-tokenizer resampler (resampler.*)")
+    from_base = check_state_dict(path, un, unet_shapes, what="the SDXL UNet (unet.*)",
+                                 base="the SDXL base UNet (stable-diffusion-xl-base-1.0/unet)")
+    if from_base:
+        folder = os.path.join(sdxl_dir, "unet")
+        present, missing = diffusers_weight_files(folder)
+        if missing or not present:
+            what = f"shards {_first(missing)} are missing" if missing else "has no diffusion_pytorch_model weights"
+            raise CheckpointError(f"{folder}: {what}, and {path} lacks {len(from_base)} UNet weight(s) that must "
+                                  f"come from there ({RELEASE_FILES['sdxl_base'].source})")
+        base = {}
+        for f in present:
+            info = inspect_checkpoint(f)
+            if info is not None:
+                base.update({k: m.shape for k, m in info.items()})
+        if base:
+            lacking = [k for k in from_base if k not in base]
+            if lacking:
+                raise CheckpointError(f"{path} lacks {len(lacking)} UNet weight(s) that the SDXL base UNet in "
+                                      f"{folder} does not have either: {_first(lacking)}")
+            bad = [(k, base[k], unet_shapes[k]) for k in from_base if tuple(base[k]) != tuple(unet_shapes[k])]
+            if bad:
+                raise _shape_error(folder, bad, "the SDXL UNet its config.json describes")
+    return {"resampler": res_shapes, "unet": unet_shapes, "from_base": from_base}
 
 
 def detokenizer_release_names(resampler_shapes: Mapping, unet_shapes: Mapping) -> dict[str, tuple[int, ...]]:
@@ -719,7 +1069,7 @@ def _tokenizer_class():
     return ReleaseLlamaTokenizer
 
 
-def load_release_tokenizer(path: str, num_img_tokens: int = 64):
+def load_release_tokenizer(path: str, num_img_tokens: Optional[int] = 64):
     """``cvlm_llama2_tokenizer/`` (``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``,
     ``added_tokens.json``) -> the slow SentencePiece Llama tokenizer, from local files only.
 
@@ -753,6 +1103,8 @@ def load_release_tokenizer(path: str, num_img_tokens: int = 64):
     if wrong:
         raise CheckpointError(f"{path}: added tokens got other ids than the files give (token, file id, "
                               f"loaded id): {_first(wrong)}")
+    if num_img_tokens is None:  # no image-token check
+        return tok
     try:
         ImageTokenIds.from_tokenizer(tok, num_img_tokens)
     except TokenizerError as e:
@@ -760,10 +1112,251 @@ def load_release_tokenizer(path: str, num_img_tokens: int = 64):
     return tok
 
 
+# -- the whole release: paths, one check, one pipeline ---------------------------------------------------
+
+# preset ``release.<key>`` -> the RELEASE_FILES entries it may name (the first is the default).
+RELEASE_KEYS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("tokenizer",),
+    "llm_base": ("llama2_7b",),
+    "agent": AGENT_FILES,
+    "visual_tokenizer": ("visual_tokenizer",),
+    "sdxl_base": ("sdxl_base",),
+    "detokenizer": ("detokenizer_george_adapted", "detokenizer_pretrained"),
+}
+_DEFAULT_RELEASE = {"root": "pretrained", "tokenizer": "cvlm_llama2_tokenizer", "llm_base": "Llama-2-7b-hf",
+                    "agent": RELEASE_FILES["seed_story_george_sft"].path,
+                    "visual_tokenizer": RELEASE_FILES["visual_tokenizer"].path,
+                    "sdxl_base": "stable-diffusion-xl-base-1.0",
+                    "detokenizer": RELEASE_FILES["detokenizer_george_adapted"].path}
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+def release_root(cfg) -> str:
+    """The preset's ``release.root``: relative paths are relative to the repository root (so ``pretrained``
+    is ``<repo>/pretrained`` from any working directory); absolute paths are kept."""
+    from ..config import resolve_path
+
+    return resolve_path(str((_plain(cfg).get("release") or {}).get("root", "pretrained")))
+
+
+def release_entry(key: str, rel: str) -> ReleaseFile:
+    """The RELEASE_FILES entry a preset ``release.<key>`` path stands for (matched by its release path)."""
+    names = RELEASE_KEYS[key]
+    norm = rel.replace(os.sep, "/").rstrip("/")
+    for n in names:
+        if norm.endswith(RELEASE_FILES[n].path):
+            return RELEASE_FILES[n]
+    return RELEASE_FILES[names[0]]
+
+
+def release_paths(cfg) -> dict[str, str]:
+    """``{key: absolute path}`` for the preset's ``release`` section (keys of ``RELEASE_KEYS``), joined to
+    ``release_root``; the visual tokenizer path goes through ``resolve_visual_tokenizer_path``."""
+    rel = {**_DEFAULT_RELEASE, **(_plain(cfg).get("release") or {})}
+    root = release_root(cfg)
+    out = {k: os.path.join(root, str(rel[k])) for k in RELEASE_KEYS}
+    out["visual_tokenizer"] = resolve_visual_tokenizer_path(out["visual_tokenizer"])
+    return out
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One file or folder a release preset needs."""
+
+    key: str  # preset release key
+    path: str
+    entry: ReleaseFile
+    is_dir: bool = False
+    part: str = ""  # which part of the entry, e.g. "unet weights"
+
+    def exists(self) -> bool:
+        if self.part.endswith("weights"):
+            present, missing = diffusers_weight_files(os.path.dirname(self.path))
+            return bool(present) and not missing
+        return os.path.isdir(self.path) if self.is_dir else os.path.isfile(self.path)
+
+    def describe(self) -> str:
+        kind = "folder" if self.is_dir else "file"
+        what = f"{self.part} of the {self.entry.what}" if self.part else self.entry.what
+        return f"{self.path} ({kind}): {what}; get it from {self.entry.source}"
+
+
+def release_requirements(cfg) -> list[Requirement]:
+    """Every file and folder ``load_release_pipeline`` needs, in loading order. Llama base weights are not
+    listed: a full agent file carries them (``check_release_agent`` decides when the folder's are needed)."""
+    rel = {**_DEFAULT_RELEASE, **(_plain(cfg).get("release") or {})}
+    p = release_paths(cfg)
+    e = {k: release_entry(k, str(rel[k])) for k in RELEASE_KEYS}
+    sd = p["sdxl_base"]
+    return [
+        Requirement("tokenizer", p["tokenizer"], e["tokenizer"], is_dir=True),
+        Requirement("tokenizer", os.path.join(p["tokenizer"], "tokenizer.model"), e["tokenizer"],
+                    part="SentencePiece model"),
+        Requirement("llm_base", p["llm_base"], e["llm_base"], is_dir=True),
+        Requirement("llm_base", os.path.join(p["llm_base"], "config.json"), e["llm_base"], part="config.json"),
+        Requirement("agent", p["agent"], e["agent"]),
+        Requirement("visual_tokenizer", p["visual_tokenizer"], e["visual_tokenizer"]),
+        Requirement("sdxl_base", sd, e["sdxl_base"], is_dir=True),
+        Requirement("sdxl_base", os.path.join(sd, "unet", "config.json"), e["sdxl_base"], part="UNet config"),
+        Requirement("sdxl_base", os.path.join(sd, "unet", DIFFUSERS_WEIGHTS[0]), e["sdxl_base"],
+                    part="UNet weights"),
+        Requirement("sdxl_base", os.path.join(sd, "vae", "config.json"), e["sdxl_base"], part="VAE config"),
+        Requirement("sdxl_base", os.path.join(sd, "vae", DIFFUSERS_WEIGHTS[0]), e["sdxl_base"], part="VAE weights"),
+        Requirement("sdxl_base", os.path.join(sd, "scheduler", "scheduler_config.json"), e["sdxl_base"],
+                    part="scheduler config"),
+        Requirement("detokenizer", p["detokenizer"], e["detokenizer"]),
+    ]
+
+
+def missing_release_files(cfg) -> list[Requirement]:
+    """The requirements that are not on disk (a missing folder stands for everything inside it)."""
+    out, gone_dirs = [], []
+    for r in release_requirements(cfg):
+        if any(r.path.startswith(d + os.sep) for d in gone_dirs):
+            continue
+        if not r.exists():
+            out.append(r)
+            if r.is_dir:
+                gone_dirs.append(r.path)
+    return out
+
+
+def check_release_files(cfg) -> None:
+    """Raise ONE CheckpointError listing every missing file (where it goes, where it comes from)."""
+    missing = missing_release_files(cfg)
+    if not missing:
+        return
+    root = release_root(cfg)
+    name = _plain(cfg).get("name", "release")
+    head = (f"the release folder {root} does not exist" if not os.path.isdir(root)
+            else f"{len(missing)} release file(s) missing under {root}")
+    lines = "\n".join("  - " + r.describe() for r in missing)
+    raise CheckpointError(f"preset {name!r}: {head}:\n{lines}\n"
+                          f"(`python -m seedstory doctor --preset {name}` checks the whole folder in seconds)")
+
+
+def release_agent_config(cfg) -> dict:
+    """``load_release_agent``'s config from a preset's ``agent`` section (``lora: {r, alpha}`` ->
+    ``lora_r``/``lora_alpha``); checks that the input resampler has ``num_img_tokens`` slots."""
+    from ..config import PresetError
+
+    c = _plain(cfg)
+    a = dict(c.get("agent") or {})
+    for name in ("input_resampler", "output_resampler"):
+        if name not in a:
+            raise PresetError(f"preset {c.get('name')!r}: agent.{name} is missing")
+    out = {"input_resampler": dict(a["input_resampler"]), "output_resampler": dict(a["output_resampler"])}
+    lora = dict(a.get("lora") or {})
+    if "r" in lora:
+        out["lora_r"] = lora["r"]
+    if "alpha" in lora:
+        out["lora_alpha"] = lora["alpha"]
+    for k in ("lm_loss_scale", "rec_loss_scale", "llm"):
+        if a.get(k) is not None:
+            out[k] = a[k]
+    n_img = int(c.get("num_img_tokens", 64))
+    grid = int(out["input_resampler"].get("grid_size", 8))
+    if grid * grid != n_img:
+        raise PresetError(f"preset {c.get('name')!r}: num_img_tokens={n_img} but agent.input_resampler.grid_size="
+                          f"{grid} gives {grid * grid} image slots (grid_size must be sqrt(num_img_tokens))")
+    return out
+
+
+def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None):
+    """A preset with ``source: release`` -> ``SeedStoryPipeline``.
+
+    Paths come from ``cfg.release`` (``release_paths``); every needed file is checked first and all missing
+    ones are reported in one CheckpointError. Then: tokenizer (``num_img_tokens`` image tokens), visual
+    tokenizer (``cfg.visual_tokenizer``), agent (``cfg.agent``; vocabulary = the tokenizer's length),
+    de-tokenizer (``cfg.detokenizer.resampler`` on the SDXL base; VAE kept in fp32), generation settings from
+    ``cfg.generation``. ``device``/``dtype`` default to ``cfg.runtime``; ``cpu_offload`` and
+    ``llm_quantization`` from ``cfg.runtime`` are applied by ``SeedStoryPipeline.place``."""
+    from ..config import GenerationSettings, runtime_options
+    from ..models.detokenizer import Detokenizer
+    from ..pipeline import SeedStoryPipeline
+
+    c = _plain(cfg)
+    rt = runtime_options(c.get("runtime") or {}, device=device, dtype=dtype)
+    settings = GenerationSettings.from_config(c.get("generation") or {})
+    agent_cfg = release_agent_config(c)
+    check_release_files(c)
+    paths = release_paths(c)
+    n_img = int(c.get("num_img_tokens", 64))
+
+    tokenizer = load_release_tokenizer(paths["tokenizer"], n_img)
+    vit = load_release_visual_tokenizer(paths["visual_tokenizer"], c.get("visual_tokenizer") or {}, rt.dtype)
+    agent = load_release_agent(paths["agent"], paths["llm_base"], agent_cfg, rt.dtype, vocab_size=len(tokenizer))
+    res_cfg = (c.get("detokenizer") or {}).get("resampler") or {}
+    resampler, unet, vae, scheduler = load_release_detokenizer(paths["detokenizer"], paths["sdxl_base"], res_cfg,
+                                                               rt.dtype)
+    detok = Detokenizer(resampler, unet, vae, scheduler)
+    pipe = SeedStoryPipeline(tokenizer, vit, agent, detok, settings, name=c.get("name", "seed-story-george"))
+    return pipe.place(rt.device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization)
+
+
+def convert_release(release_root: str, out: str, preset="seed-story-george", overwrite: bool = False,
+                    dtype=None) -> str:
+    """Load the released files under ``release_root`` with ``preset`` (a name, a YAML path or a loaded
+    config; its ``release.root`` is replaced by ``release_root``) and write our format to ``out``
+    (``SeedStoryPipeline.save_pretrained``: per component config.json + .safetensors), which then loads with
+    ``SeedStoryPipeline.from_pretrained(out)`` without the original files. Loads on the CPU; ``dtype``
+    (torch dtype or fp32/bf16/fp16; default fp32, lossless) is the dtype written (the VAE stays fp32).
+    A non-empty ``out`` is refused unless ``overwrite``; the folder is written beside ``out`` first and
+    renamed into place, so a failed conversion leaves nothing half-written. Returns ``out``."""
+    import shutil
+    import tempfile
+
+    from ..config import DTYPES, PresetError, load_preset
+
+    cfg = _plain(load_preset(preset) if isinstance(preset, str) else preset)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PresetError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+        dtype = DTYPES[dtype]
+    dtype = dtype or torch.float32
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise CheckpointError(f"{out} is not empty; pass --force (overwrite=True) to replace it")
+    cfg["release"] = {**(cfg.get("release") or {}), "root": os.path.abspath(release_root)}
+    cfg["runtime"] = {**(cfg.get("runtime") or {}), "device": "cpu", "cpu_offload": False,
+                      "llm_quantization": "none"}
+    pipe = load_release_pipeline(cfg, device=torch.device("cpu"), dtype=dtype)
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        pipe.save_pretrained(tmp)
+        if os.path.isdir(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 __all__ = [
-    "AGENT_FILES", "CheckpointError", "DETOKENIZER_FILES", "RELEASE_FILES", "ReleaseFile", "agent_release_names",
-    "check_state_dict", "detokenizer_release_names", "is_peft_extra", "key_family", "load_release_agent",
-    "load_release_detokenizer", "load_release_detokenizer_weights", "load_release_tokenizer",
-    "load_release_visual_tokenizer", "read_state_dict", "release_manifest", "release_manifest_summary",
-    "release_path",
+    "AGENT_FILES", "AgentPlan", "CheckpointError", "DETOKENIZER_FILES", "RELEASE_FILES", "RELEASE_KEYS",
+    "ReleaseFile", "Requirement", "TensorMeta", "VISUAL_TOKENIZER_NAMES", "agent_release_names",
+    "check_release_agent", "check_release_detokenizer", "check_release_files", "check_release_visual_tokenizer",
+    "check_state_dict", "convert_release", "detokenizer_release_names", "diffusers_weight_files",
+    "inspect_checkpoint", "is_peft_extra", "key_family", "load_release_agent", "load_release_detokenizer",
+    "load_release_detokenizer_weights", "load_release_pipeline", "load_release_tokenizer",
+    "load_release_visual_tokenizer", "meta_state", "missing_release_files", "read_state_dict",
+    "release_agent_config", "release_entry", "release_manifest", "release_manifest_summary", "release_path",
+    "release_paths", "release_requirements", "release_root", "resolve_visual_tokenizer_path",
+    "safetensors_header", "sdxl_component_shapes",
 ]
