@@ -9,6 +9,7 @@ import argparse
 import functools
 import inspect
 import os
+import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,14 +38,31 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError
 
 
 def build_app(holder: ModelHolder) -> gr.Blocks:
+    def picture(session, frame):
+        """The frame's picture as a PNG written once. Gradio re-saves a PIL image into its cache on every render,
+        in place, so a browser or client fetching it meanwhile could get a truncated file (two sessions showing
+        the same picture, or a storyboard re-rendered while it loads); a path is copied into the cache once,
+        atomically."""
+        if frame is None or frame.image is None:
+            return None
+        path = os.path.join(session.workdir, f"frame-{session.tree.uid}-{frame.id}.png")
+        if not os.path.exists(path):
+            fd, tmp = tempfile.mkstemp(dir=session.workdir, suffix=".png.tmp")
+            with os.fdopen(fd, "wb") as f:
+                frame.image.save(f, format="PNG")
+            os.replace(tmp, path)
+        return path
+
     def render(session, message=""):
         tree = session.tree
         current = tree.get(tree.current) if tree is not None and tree.current is not None else None
         choices = logic.frame_choices(session)
+        shown = [f for f in tree.path(tree.leaf(current.id)) if f.image is not None] if current is not None else []
+        board = [(picture(session, f), caption) for f, (_, caption) in zip(shown, logic.storyboard(session))]
         return (
             session,
-            logic.storyboard(session),
-            current.image if current is not None else None,
+            board,
+            picture(session, current),
             current.text if current is not None else "",
             logic.frame_info(session),
             gr.update(choices=choices, value=logic.frame_label(current) if current is not None else None),
@@ -103,7 +121,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
     @guarded
     def regenerate_frame(session, ui, frame, part, seed):
         session = new_session(session)
-        f = logic.regenerate(session, holder, frame, part, seed, ui)
+        # The seed box shows 0 when empty (Gradio's Number), so 0 means "a new seed", as the label says.
+        f = logic.regenerate(session, holder, frame, part, seed or None, ui)
         return render(session, f"Regenerated as frame #{f.id} (seed {f.seed}).")
 
     @gpu
@@ -168,8 +187,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
 
     def configure(decoding="greedy", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
                   mode="window", window=0, seed=None):
-        """All generation settings at once (0 or empty means the preset's default)."""
-        return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed)
+        """All generation settings at once (0 or empty means the preset's default; for the seed too)."""
+        return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None)
 
     with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -178,8 +197,10 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
         with gr.Row():
             with gr.Column(scale=1):
-                image_in = gr.Image(type="filepath", label="Opening picture", sources=["upload", "clipboard"],
-                                    height=256)
+                # image_mode=None: Gradio passes the upload's path untouched (it would otherwise decode and convert
+                # non-RGB pictures before load_image's size guard sees them); load_image converts to RGB itself.
+                image_in = gr.Image(type="filepath", image_mode=None, label="Opening picture",
+                                    sources=["upload", "clipboard"], height=256)
                 text_in = gr.Textbox(label="Opening text", lines=3, placeholder="Once upon a time…")
                 start_btn = gr.Button("Start story", variant="primary")
                 gr.Examples(EXAMPLES, [image_in, text_in], label="Examples")
@@ -205,7 +226,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 edit_btn = gr.Button("Apply edit (new version of this frame)")
                 with gr.Row():
                     part = gr.Radio(list(logic.PART_CHOICES), value="text and image", label="Regenerate")
-                    regen_seed = gr.Number(label="Seed (empty: new)", precision=0, value=None)
+                    regen_seed = gr.Number(label="Seed (0: a new one)", precision=0, value=None)
                 regen_btn = gr.Button("Regenerate this frame")
                 branch_text = gr.Textbox(label="Branch here with this text (empty: let the model write)", lines=2)
                 branch_btn = gr.Button("Branch here")
@@ -222,7 +243,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 decoding = gr.Radio(["greedy", "sampling"], value="greedy", label="Text decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                seed = gr.Number(label="Seed (empty: preset default)", precision=0, value=None)
+                seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
                 guidance = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="Guidance (0: preset default)")

@@ -1,0 +1,178 @@
+"""The web app's API over HTTP: ``python app.py --preset tiny`` in a subprocess (the ``app_server`` fixture in
+conftest.py), driven by ``gradio_client`` as a remote program would."""
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+CALL_TIMEOUT_S = 120  # any one API call on the tiny preset takes a second or two
+
+# What every story action returns (the session state is not part of the API).
+BOARD, FRAME_IMAGE, FRAME_TEXT, FRAME_INFO, FRAME_SELECTOR, TREE, STATUS = range(7)
+
+
+def call(client, *args, api_name):
+    """``client.predict`` with a time limit."""
+    job = client.submit(*args, api_name=api_name)
+    return job.result(timeout=CALL_TIMEOUT_S)
+
+
+def captions(result):
+    return [item["caption"] for item in result[BOARD]]
+
+
+def choices(result):
+    return [c[0] if isinstance(c, (list, tuple)) else c for c in result[FRAME_SELECTOR]["choices"]]
+
+
+@pytest.fixture(scope="module")
+def opening_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "opening.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def new_client(url):
+    return Client(url, verbose=False, download_files=True)
+
+
+def test_story_flow(app_server, opening_png):
+    client = new_client(app_server)
+    r = call(client, handle_file(opening_png), "The lighthouse keeper found a bottle.", api_name="/start_story")
+    assert captions(r) == ["0. The lighthouse keeper found a bottle."]
+    assert r[FRAME_TEXT] == "The lighthouse keeper found a bottle." and "**Frame #0**" in r[FRAME_INFO]
+    assert r[FRAME_SELECTOR]["value"] == "#0 · The lighthouse keeper found a bottle."
+    assert os.path.isfile(r[FRAME_IMAGE]) and Image.open(r[FRAME_IMAGE]).size == (96, 72)
+    assert "Story started" in r[STATUS]
+
+    r = call(client, api_name="/next_frame")
+    assert len(r[BOARD]) == 2 and r[FRAME_SELECTOR]["value"].startswith("#1 ") and "Added 1 frame(s)" in r[STATUS]
+    r = call(client, api_name="/next_frame")
+    assert len(r[BOARD]) == 3 and r[FRAME_SELECTOR]["value"].startswith("#2 ")
+    assert [c.split(". ", 1)[0] for c in captions(r)] == ["0", "1", "2"]
+    assert len(choices(r)) == 3 and all(os.path.isfile(item["image"]) for item in r[BOARD])
+    frame2_text = r[FRAME_TEXT]
+
+    # Regenerate #2 with a fixed seed: a sibling (#3) replaces it on the storyboard.
+    r = call(client, "#2", "text and image", 77, api_name="/regenerate_frame")
+    assert "Regenerated as frame #3 (seed 77)" in r[STATUS]
+    assert len(r[BOARD]) == 3 and r[FRAME_SELECTOR]["value"].startswith("#3 ") and "version 2 of 2" in r[FRAME_INFO]
+    assert len(choices(r)) == 4
+
+    # Edit #1's text: a new version of frame 1 (#4); the storyboard is 0 -> 4.
+    r = call(client, "#1", "She opened it and read the map.", api_name="/edit_frame")
+    assert r[FRAME_TEXT] == "She opened it and read the map." and r[FRAME_SELECTOR]["value"].startswith("#4 ")
+    assert captions(r) == ["0. The lighthouse keeper found a bottle.", "1. She opened it and read the map."]
+    assert "version 2 of 2" in r[FRAME_INFO]
+
+    # Branch from the opening frame with the person's text (#5, a third child of #0).
+    r = call(client, "#0", "Far away, a ship sailed north.", api_name="/branch_story")
+    assert "New branch at frame #5" in r[STATUS]
+    assert captions(r) == ["0. The lighthouse keeper found a bottle.", "1. Far away, a ship sailed north."]
+    assert "version 3 of 3" in r[FRAME_INFO] and len(choices(r)) == 6
+
+    # Versions: back to the first version of frame 1, whose branch continues 0 -> 1 -> 3.
+    r = call(client, api_name="/previous_version")
+    r = call(client, api_name="/previous_version")
+    assert r[FRAME_SELECTOR]["value"].startswith("#1 ") and "version 1 of 3" in r[FRAME_INFO]
+    assert len(r[BOARD]) == 3  # 0 -> 1 -> 3, the newest continuation of this version
+    r = call(client, "#2", api_name="/select_frame")
+    assert r[FRAME_TEXT] == frame2_text and "version 1 of 2" in r[FRAME_INFO]
+
+    # Export the branch through #2 (0 -> 1 -> 2) as PDF.
+    path = call(client, "pdf", api_name="/export_story")
+    with open(path, "rb") as f:
+        data = f.read()
+    assert path.endswith(".pdf") and data.startswith(b"%PDF")
+    assert len(re.findall(rb"/Type\s*/Page\b(?!s)", data)) == 3  # one page per frame
+
+    # Save, then load into a fresh client: the same story.
+    saved = call(client, api_name="/save_session")
+    other = new_client(app_server)
+    r2 = call(other, handle_file(saved), api_name="/load_session")
+    assert "Story loaded" in r2[STATUS] and len(choices(r2)) == 6 and r2[FRAME_TEXT] == frame2_text
+
+    # Delete #2: the storyboard ends at #1's newest continuation (#3).
+    r = call(client, "#2", api_name="/delete_frame")
+    assert len(choices(r)) == 5 and not any(c.startswith("#2 ") for c in choices(r))
+
+
+def test_mistakes_come_back_as_messages(app_server, opening_png, tmp_path, png_bomb):
+    client = new_client(app_server)
+    with pytest.raises(AppError, match="start a story first"):
+        call(client, api_name="/next_frame")
+    with pytest.raises(AppError, match="the text is empty"):
+        call(client, handle_file(opening_png), "   ", api_name="/start_story")
+    bad = tmp_path / "not-a-picture.png"
+    bad.write_bytes(b"GIF89a but not really")
+    # Gradio opens the upload (header only) before the app does, so an unreadable file may be refused by either.
+    with pytest.raises(AppError, match="not a readable image|cannot identify image file"):
+        call(client, handle_file(str(bad)), "A story.", api_name="/start_story")
+    # Decompression-bomb headers are refused before anything is decoded, whatever the picture's mode.
+    for name, (w, h, mode), message in [
+        ("huge.png", (100000, 100000, "RGB"), "decompression bomb|pixels"),
+        ("big.png", (7000, 7000, "RGB"), "7000x7000 pixels; at most 40,000,000"),
+        ("big-grey.png", (7000, 7000, "L"), "7000x7000 pixels; at most 40,000,000"),
+    ]:
+        bomb = tmp_path / name
+        bomb.write_bytes(png_bomb(w, h, mode))
+        with pytest.raises(AppError, match=message):
+            call(client, handle_file(str(bomb)), "A story.", api_name="/start_story")
+    r = call(client, handle_file(opening_png), "A story.", api_name="/start_story")
+    assert len(r[BOARD]) == 1
+    with pytest.raises(AppError, match="between 1 and 25 frames|greater than maximum value 25"):
+        call(client, 26, api_name="/next_frames")
+    with pytest.raises(AppError, match="no frame 9"):
+        call(client, "#9", api_name="/select_frame")
+    # The story is still there and works.
+    r = call(client, 2, api_name="/next_frames")
+    assert len(r[BOARD]) == 3 and "Added 2 frame(s)" in r[STATUS]
+
+
+CLIENTS = 8
+
+
+def test_concurrent_sessions_stay_apart(app_server, opening_png):
+    """Eight clients at once, each with its own story: none sees another's frames, none is lost."""
+    results, errors = {}, {}
+    barrier = threading.Barrier(CLIENTS, timeout=120)
+
+    def run(k):
+        try:
+            client = new_client(app_server)
+            opening = f"Story number {k} starts with a {['cat', 'dog', 'owl', 'fox', 'bee', 'elk', 'yak', 'emu'][k]}."
+            barrier.wait()  # start together
+            first = call(client, handle_file(opening_png), opening, api_name="/start_story")
+            steps = [call(client, api_name="/next_frame") for _ in range(2)]
+            results[k] = (opening, first, steps)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors[k] = repr(e)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(CALL_TIMEOUT_S * 4)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors
+    assert sorted(results) == list(range(CLIENTS))
+    for k, (opening, first, steps) in results.items():
+        assert captions(first) == [f"0. {opening}"]
+        last = steps[-1]
+        assert [len(s[BOARD]) for s in steps] == [2, 3], k
+        assert captions(last)[0] == f"0. {opening}"
+        # Its own frames only: ids 0, 1, 2 and its own opening text, no other story's.
+        labels = choices(last)
+        assert [lab.split(" ", 1)[0] for lab in labels] == ["#0", "#1", "#2"], labels
+        assert labels[0] == f"#0 · {opening}"
+        others = [f"Story number {j} " for j in range(CLIENTS) if j != k]
+        flat = " ".join(captions(last) + labels + [last[TREE]])
+        assert not any(o in flat for o in others), (k, flat)

@@ -1,0 +1,463 @@
+"""What the web app does, without a browser: ``seedstory.app_logic`` on the tiny preset, and ``app.build_app``."""
+import io
+import re
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seedstory import app_logic as logic
+from seedstory.holder import ModelHolder
+from seedstory.image_processing import ImageError
+from seedstory.storage import StoryFileError
+from seedstory.story import StoryError
+
+OPENING = "A fox with a red scarf sat under the old oak."
+API_NAMES = ["start_story", "next_frame", "next_frames", "stop", "regenerate_frame", "edit_frame", "branch_story",
+             "select_frame", "previous_version", "next_version", "delete_frame", "export_story", "save_session",
+             "load_session", "load_model", "configure"]
+
+
+@pytest.fixture(scope="module")
+def holder():
+    h = ModelHolder("tiny")
+    h.pipeline()
+    return h
+
+
+@pytest.fixture(scope="module")
+def ui():
+    return logic.UISettings()
+
+
+@pytest.fixture(scope="module")
+def picture():
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+
+
+def three_frames(holder, ui, picture):
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, OPENING, ui)
+    frames = list(logic.next_frames(s, holder, 2, ui))
+    assert [f.id for f in frames] == [1, 2]
+    return s
+
+
+@pytest.fixture
+def session(holder, ui, picture):
+    """A story with an opening frame and two generated frames: #0 -> #1 -> #2, current #2."""
+    return three_frames(holder, ui, picture)
+
+
+@pytest.fixture(scope="module")
+def shared(holder, ui, picture):
+    """The same, shared by the tests that must not change it (failed actions, exports)."""
+    return three_frames(holder, ui, picture)
+
+
+def snapshot(s):
+    """Everything a failed action must leave as it was."""
+    t = s.tree
+    if t is None:
+        return None
+    return (t.uid, t.current, list(t.roots), {i: (f.parent, f.text, list(f.children)) for i, f in t.frames.items()})
+
+
+def parents(s):
+    return {i: f.parent for i, f in s.tree.frames.items()}
+
+
+# -- starting and stepping -----------------------------------------------------------------------------
+def test_start_story_from_path_and_views(holder, ui, tmp_path):
+    path = tmp_path / "opening.png"
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(path)
+    s = logic.StorySession()
+    assert logic.storyboard(s) == [] and logic.frame_choices(s) == [] and "No story yet" in logic.tree_html(s)
+    tree = logic.start_story(s, holder, str(path), "  Once upon a   time.  ", ui)
+    assert s.tree is tree and len(tree) == 1 and tree.current == 0
+    opening = tree.get(0)
+    assert opening.text == "Once upon a time." and opening.origin == "opening" and opening.image.size == (64, 48)
+    board = logic.storyboard(s)
+    assert len(board) == 1 and board[0][1] == "0. Once upon a time."
+    assert logic.frame_choices(s) == ["#0 · Once upon a time."]
+    assert "**Frame #0**" in logic.frame_info(s) and "version 1 of 1" in logic.frame_info(s)
+
+
+def test_next_frames_yields_one_by_one(holder, ui, picture):
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, OPENING, ui)
+    stages = []
+    gen = logic.next_frames(s, holder, 3, ui, progress=lambda stage, f: stages.append((stage, f)))
+    first = next(gen)
+    # The first frame is in the story (and on the storyboard) before the second is started.
+    assert first.id == 1 and len(s.tree) == 2 and s.tree.current == 1 and len(logic.storyboard(s)) == 2
+    assert not any(stage.startswith("frame 2/3") for stage, _ in stages)
+    rest = list(gen)
+    assert [f.id for f in rest] == [2, 3]
+    assert [f.id for f in s.tree.path()] == [0, 1, 2, 3]
+    board = logic.storyboard(s)
+    assert len(board) == 4 and [c.split(". ", 1)[0] for _, c in board] == ["0", "1", "2", "3"]
+    assert all(isinstance(img, Image.Image) for img, _ in board)
+    assert [s.split(":")[0] for s, _ in stages if s.endswith("writing text")] == ["frame 1/3", "frame 2/3", "frame 3/3"]
+    assert any(stage.startswith("frame 3/3: painting image") for stage, _ in stages)
+
+
+@pytest.mark.xfail(strict=True, reason="StoryEngine._paint adds 1 to the de-tokenizer's step, which already counts "
+                                       "from 1: painting progress overshoots (1.125 of a frame), so the bar goes "
+                                       "backwards between frames and past 100% at the end")
+def test_next_frames_progress_is_monotonic_within_0_1(holder, ui, picture):
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, OPENING, ui)
+    fractions = []
+    list(logic.next_frames(s, holder, 2, ui, progress=lambda stage, f: fractions.append(f)))
+    assert fractions and fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+
+
+def test_stop_ends_after_the_frame_in_progress(holder, ui, session):
+    """stop() from another thread while frame 2 of 5 is being made: frame 2 is finished and kept, no more follow."""
+    in_frame_2, stopped = threading.Event(), threading.Event()
+
+    def progress(stage, fraction):
+        if stage.startswith("frame 2/5") and not in_frame_2.is_set():
+            in_frame_2.set()
+            assert stopped.wait(30), "stop() was not called"
+
+    made, errors = [], []
+
+    def run():
+        try:
+            for frame in logic.next_frames(session, holder, 5, ui, progress=progress):
+                made.append(frame)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert in_frame_2.wait(60), "frame 2 never started"
+    logic.stop(session)
+    stopped.set()
+    worker.join(60)
+    assert not worker.is_alive() and not errors
+    assert [f.id for f in made] == [3, 4]  # the frame in progress when stop() came is finished and kept
+    assert all(session.tree.get(f.id).image is not None for f in made)
+    assert [f.id for f in session.tree.path()] == [0, 1, 2, 3, 4] and session.tree.current == 4
+    # Stop does not stick: the next request runs in full.
+    assert [f.id for f in logic.next_frames(session, holder, 1, ui)] == [5]
+
+
+def test_stop_between_frames(holder, ui, session):
+    gen = logic.next_frames(session, holder, 4, ui)
+    assert next(gen).id == 3
+    logic.stop(session)
+    assert list(gen) == []
+    assert len(session.tree) == 4 and session.tree.current == 3
+
+
+@pytest.mark.parametrize("n", [0, -1, logic.MAX_FRAMES_PER_CLICK + 1])
+def test_next_frames_count_is_bounded(holder, ui, session, n):
+    before = snapshot(session)
+    with pytest.raises(StoryError, match=f"between 1 and {logic.MAX_FRAMES_PER_CLICK} frames"):
+        list(logic.next_frames(session, holder, n, ui))
+    assert snapshot(session) == before
+
+
+# -- regenerate, edit, branch, select, versions, delete -----------------------------------------------
+def test_regenerate_replaces_frame_by_a_sibling(holder, ui, session):
+    f = logic.regenerate(session, holder, "#1 · whatever the label says", "text and image", 7, ui)
+    assert f.id == 3 and f.parent == 0 and f.origin == "regenerated" and f.seed == 7
+    assert session.tree.current == 3 and session.tree.siblings(3) == [1, 3]
+    # The old continuation (#2) stays in the tree but is no longer on the storyboard.
+    assert 2 in session.tree and [c for _, c in logic.storyboard(session)][0].startswith("0. ")
+    assert len(logic.storyboard(session)) == 2
+    assert "version 2 of 2" in logic.frame_info(session)
+    # Image only: same text and features, new picture.
+    g = logic.regenerate(session, holder, 3, "image only", 11, ui)
+    old = session.tree.get(3)
+    assert g.parent == 0 and g.text == old.text and g.seed == 11 and g.features is old.features
+    assert np.asarray(g.image).tobytes() != np.asarray(old.image).tobytes()
+    # Text only keeps the painting seed.
+    h = logic.regenerate(session, holder, 3, "text only", None, ui)
+    assert h.parent == 0 and h.seed == old.seed
+    assert session.tree.siblings(1) == [1, 3, 4, 5]
+
+
+def test_regenerate_same_seed_is_reproducible(holder, ui, session):
+    a = logic.regenerate(session, holder, 2, "both", 1234, ui)
+    b = logic.regenerate(session, holder, 2, "both", 1234, ui)
+    assert a.id != b.id and a.text == b.text
+    assert np.asarray(a.image).tobytes() == np.asarray(b.image).tobytes()
+
+
+def test_edit_and_branch(holder, ui, session):
+    e = logic.edit(session, holder, "#2", "The fox found a brass key.", ui)
+    assert e.parent == 1 and e.text == "The fox found a brass key." and e.origin == "edited"
+    assert session.tree.current == e.id and session.tree.siblings(2) == [2, e.id]
+    assert logic.storyboard(session)[-1][1] == "2. The fox found a brass key."
+    # Editing the opening frame makes a second opening with the same picture.
+    o = logic.edit(session, holder, 0, "A fox without a scarf.", ui)
+    assert o.parent is None and session.tree.roots == [0, o.id] and o.image is session.tree.get(0).image
+    assert len(logic.storyboard(session)) == 1
+    # Branch with the person's text, then one written by the model.
+    b1 = logic.branch(session, holder, "#0", "Meanwhile, an owl woke up.", ui)
+    assert b1.parent == 0 and b1.text == "Meanwhile, an owl woke up." and b1.origin == "branch"
+    b2 = logic.branch(session, holder, 0, "   ", ui)  # empty: the model writes
+    assert b2.parent == 0 and b2.origin == "branch" and b2.image is not None
+    assert session.tree.get(0).children == [1, b1.id, b2.id] and session.tree.current == b2.id
+    assert [f.id for f in session.tree.path()] == [0, b2.id]
+
+
+def test_select_and_switch_versions(holder, ui, session):
+    r = logic.regenerate(session, holder, 1, "both", 5, ui)  # siblings [1, r]
+    assert session.tree.current == r.id
+    f = logic.switch_sibling(session, -1)
+    assert f.id == 1 and session.tree.current == 1
+    # The storyboard follows the newest continuation of the selected version: 0 -> 1 -> 2.
+    assert len(logic.storyboard(session)) == 3 and "version 1 of 2" in logic.frame_info(session)
+    assert logic.switch_sibling(session, 1).id == r.id
+    assert logic.switch_sibling(session, 1).id == 1  # wraps around
+    assert logic.select(session, "#0 · A fox").id == 0 and session.tree.current == 0
+    assert [f.id for f in session.tree.path(session.tree.leaf(0))] == [0, r.id]
+    assert logic.select_on_storyboard(session, 1).id == r.id
+    assert logic.frame_choices(session) == [logic.frame_label(session.tree.frames[i]) for i in (0, 1, 2, r.id)]
+    tree = logic.tree_html(session)
+    assert tree.count("<li") == 4 and f"▶ #{r.id}" in tree
+
+
+def test_delete_subtree(holder, ui, session):
+    logic.branch(session, holder, 0, "Another way.", ui)  # #3 under #0
+    removed_from = session.tree.get(1)
+    logic.delete(session, holder, "#1", ui)
+    assert set(session.tree.frames) == {0, 3} and session.tree.get(0).children == [3]
+    assert removed_from.id not in session.tree
+    logic.delete(session, holder, 3, ui)
+    assert session.tree.current == 0 and len(logic.storyboard(session)) == 1
+    # The frame ids stay unique after deletes.
+    assert next(logic.next_frames(session, holder, 1, ui)).id == 4
+
+
+# -- exports, save and load ------------------------------------------------------------------------------
+MAGIC = {"comic": b"\x89PNG", "pdf": b"%PDF", "gif": b"GIF8", "zip": b"PK\x03\x04", "html": b"<"}
+
+
+@pytest.mark.parametrize("fmt", sorted(MAGIC))
+def test_export_formats(shared, fmt):
+    path = logic.export(shared, fmt)
+    assert path.startswith(shared.workdir)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.lstrip()[: len(MAGIC[fmt])].lower() == MAGIC[fmt].lower(), data[:16]
+    if fmt == "html":
+        assert OPENING.encode() in data
+    if fmt == "pdf":
+        assert len(re.findall(rb"/Type\s*/Page\b(?!s)", data)) == 3  # one page per frame
+    if fmt == "gif":
+        assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+
+
+def test_save_and_load_round_trip(holder, ui, session):
+    logic.regenerate(session, holder, 2, "both", 3, ui)
+    logic.select(session, 1)
+    path = logic.save(session)
+    assert zipfile.is_zipfile(path)
+    other = logic.StorySession()
+    loaded = logic.load(other, path)
+    assert other.tree is loaded and loaded.uid != session.tree.uid
+    assert parents(other) == parents(session) and loaded.current == 1
+    assert [f.text for f in loaded.path()] == [f.text for f in session.tree.path()]
+    assert len(logic.storyboard(other)) == len(logic.storyboard(session)) == 3
+    # A loaded story continues like the original.
+    assert next(logic.next_frames(other, holder, 1, ui)).parent == 3
+
+
+# -- mistakes: clear errors, the story stays as it was ---------------------------------------------------
+def test_bomb_png_header_is_well_formed(png_bomb):
+    for mode in ("RGB", "L"):
+        with Image.open(io.BytesIO(png_bomb(100, 120, mode))) as im:  # PIL reads the (patched) header fine
+            assert im.size == (100, 120) and im.mode == mode
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (None, StoryError, "upload an opening picture"),
+    (b"this is not a picture at all", ImageError, "not a readable image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, ImageError, "not a readable image"),
+    ("bomb:100000x100000", ImageError, "decompression bomb|pixels"),
+    ("bomb:7000x7000", ImageError, "7000x7000 pixels; at most 40,000,000 pixels are accepted"),
+    ("/no/such/picture.png", ImageError, "not found"),
+    (np.zeros((4, 4, 3), np.uint8), ImageError, "at least 8"),
+])
+def test_bad_picture_is_refused(holder, ui, shared, tmp_path, png_bomb, image, error, message):
+    if isinstance(image, str) and image.startswith("bomb:"):
+        w, h = map(int, image[5:].split("x"))
+        path = tmp_path / "bomb.png"
+        path.write_bytes(png_bomb(w, h))
+        assert path.stat().st_size < 200
+        image = str(path)
+    elif isinstance(image, bytes):
+        path = tmp_path / "upload.png"
+        path.write_bytes(image)
+        image = str(path)
+    before = snapshot(shared)
+    with pytest.raises(error, match=message):
+        logic.start_story(shared, holder, image, "A new story.", ui)
+    assert snapshot(shared) == before
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the text is empty"),
+    ("   \n\t ", "the text is empty"),
+    (None, "the text is empty"),
+    ("x" * 2001, "2001 characters long; the limit is 2000"),
+])
+def test_bad_opening_text_is_refused(holder, ui, shared, picture, text, message):
+    before = snapshot(shared)
+    with pytest.raises(StoryError, match=message):
+        logic.start_story(shared, holder, picture, text, ui)
+    assert snapshot(shared) == before
+
+
+def test_bad_edits_and_branches_are_refused(holder, ui, shared):
+    before = snapshot(shared)
+    with pytest.raises(StoryError, match="the text is empty"):
+        logic.edit(shared, holder, 2, "  ", ui)
+    with pytest.raises(StoryError, match="limit is 2000"):
+        logic.edit(shared, holder, 2, "y" * 5000, ui)
+    with pytest.raises(StoryError, match="limit is 2000"):
+        logic.branch(shared, holder, 1, "z" * 2001, ui)
+    with pytest.raises(StoryError, match="opening frame is your own picture"):
+        logic.regenerate(shared, holder, 0, "both", None, ui)
+    with pytest.raises(StoryError, match="part must be"):
+        logic.regenerate(shared, holder, 1, "sound only", None, ui)
+    with pytest.raises(StoryError, match="no frame 99"):
+        logic.select(shared, "#99 · gone")
+    with pytest.raises(StoryError, match="not a frame"):
+        logic.edit(shared, holder, "frame two", "Text.", ui)
+    with pytest.raises(StoryError, match="no such frame on the storyboard"):
+        logic.select_on_storyboard(shared, 3)
+    with pytest.raises(StoryError, match="only opening frame"):
+        logic.delete(shared, holder, 0, ui)
+    with pytest.raises(StoryError, match="unknown format"):
+        logic.export(shared, "docx")
+    assert snapshot(shared) == before
+
+
+def test_frame_cap(holder, ui, session, monkeypatch):
+    engine = logic.engine_for(holder, ui)
+    monkeypatch.setattr(engine, "max_frames", 3)
+    before = snapshot(session)  # 0 -> 1 -> 2: the path is full
+    with pytest.raises(StoryError, match="limit of 3 frames on one path"):
+        list(logic.next_frames(session, holder, 1, ui))
+    with pytest.raises(StoryError, match="limit of 3 frames"):
+        logic.branch(session, holder, 2, "One more.", ui)
+    assert snapshot(session) == before
+    # Earlier frames still have room.
+    assert logic.branch(session, holder, 1, "Another ending.", ui).parent == 1
+
+
+def test_actions_need_a_story(holder, ui):
+    s = logic.StorySession()
+    actions = [
+        lambda: list(logic.next_frames(s, holder, 1, ui)),
+        lambda: logic.regenerate(s, holder, None, "both", None, ui),
+        lambda: logic.edit(s, holder, None, "Text.", ui),
+        lambda: logic.branch(s, holder, None, None, ui),
+        lambda: logic.select(s, 0),
+        lambda: logic.switch_sibling(s, 1),
+        lambda: logic.delete(s, holder, 0, ui),
+        lambda: logic.export(s, "pdf"),
+        lambda: logic.save(s),
+    ]
+    for action in actions:
+        with pytest.raises(StoryError, match="start a story first"):
+            action()
+    assert s.tree is None
+
+
+def test_loading_a_bad_file_changes_nothing(shared, tmp_path):
+    before = snapshot(shared)
+    foreign = tmp_path / "holiday.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("photo.txt", "not a story")
+    with pytest.raises(StoryFileError, match="no story.json: not a saved seedstory story"):
+        logic.load(shared, str(foreign))
+    fake = tmp_path / "other-app.zip"
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr("story.json", '{"format": "something-else"}')
+    with pytest.raises(StoryFileError, match="not a seedstory story file"):
+        logic.load(shared, str(fake))
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(StoryFileError, match="neither a story folder nor a story .zip"):
+        logic.load(shared, str(garbage))
+    with pytest.raises(StoryError, match="choose a saved story"):
+        logic.load(shared, None)
+    # A real save with one picture damaged.
+    good = logic.save(shared)
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, b"broken" if item.filename.endswith(".png") else data)
+    with pytest.raises(StoryFileError, match="not a readable image"):
+        logic.load(shared, str(damaged))
+    assert snapshot(shared) == before
+
+
+def test_user_errors_are_value_errors():
+    """app.py shows ValueError/OSError subclasses as a message in the UI (gr.Error), not a crash."""
+    import app
+
+    for error in (StoryError, ImageError, StoryFileError):
+        assert issubclass(error, app.USER_ERRORS)
+
+
+def test_text_is_escaped_in_the_tree_view(holder, ui, picture):
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, "<script>alert('x')</script> & <b>bold</b>", ui)
+    html = logic.tree_html(s)
+    assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;" in html
+
+
+def test_sessions_are_independent(holder, ui, picture):
+    a, b = logic.StorySession(), logic.StorySession()
+    logic.start_story(a, holder, picture, "Story A begins.", ui)
+    logic.start_story(b, holder, picture, "Story B begins.", ui)
+    list(logic.next_frames(a, holder, 2, ui))
+    assert len(a.tree) == 3 and len(b.tree) == 1 and a.workdir != b.workdir
+    assert logic.frame_choices(b) == ["#0 · Story B begins."]
+    logic.stop(a)  # stopping one session does not stop another
+    assert len(list(logic.next_frames(b, holder, 1, ui))) == 1
+
+
+# -- the Gradio app ---------------------------------------------------------------------------------------
+def test_build_app_lists_the_api(holder):
+    import gradio as gr
+
+    import app
+
+    demo = app.build_app(holder)
+    assert isinstance(demo, gr.Blocks)
+    named = demo.get_api_info()["named_endpoints"]
+    assert set(f"/{name}" for name in API_NAMES) <= set(named), sorted(named)
+    public = {d["api_name"] for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
+    assert public == set(API_NAMES)
+
+    def params(name):
+        return [p["parameter_name"] for p in named[f"/{name}"]["parameters"]]
+
+    assert params("start_story") == ["image", "text"]
+    assert params("next_frame") == []
+    assert params("next_frames") == ["n"]
+    assert params("regenerate_frame") == ["frame", "part", "seed"]
+    assert params("edit_frame") == ["frame", "text"]
+    assert params("branch_story") == ["frame", "text"]
+    assert params("select_frame") == ["frame"]
+    assert params("delete_frame") == ["frame"]
+    assert params("export_story") == ["fmt"]
+    assert params("load_session") == ["file"]
+    assert params("load_model") == ["preset"]
+    labels = [r["label"] for r in named["/start_story"]["returns"]]
+    assert labels[:3] == ["Storyboard (the current branch)", "Selected frame", "Frame text (edit, then apply)"]
+    assert labels[4] == "Frame" and len(labels) == 7  # the session state is not part of the API
