@@ -1,0 +1,1 @@
+"""Data: the synthetic story world (``seedstory.data.synthetic``)."""
