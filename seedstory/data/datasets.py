@@ -1,0 +1,242 @@
+"""Streaming training datasets over StoryStream-format jsonl (one story a line: ``images``, ``captions``).
+
+* ``StorySampleDataset`` — stage 2 (and 3): story samples serialized by ``PromptFormat.training_sample`` (the
+  one serializer, FORMATS §5) plus the ViT inputs of every image the sample uses.
+* ``ImageDataset`` — stages 0/1: every frame image, as ViT input and as SDXL-style de-tokenizer target with
+  its ``time_ids``.
+
+Both read the jsonl line by line (a dataset larger than memory works), shard lines across processes
+(``rank``/``world_size``) and DataLoader workers so each story is used by exactly one of them, shuffle with
+a bounded buffer, and are deterministic for (seed, epoch): a resumed run that skips the batches already
+seen gets the same data. One pass over the file is one epoch; ``set_epoch`` reseeds the next. Broken
+records (bad JSON, missing fields, length mismatch, unreadable images) are skipped and counted in
+``skipped``, never raised halfway through an epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..image_processing import ImageProcessor
+from ..prompt import PromptFormat
+
+__all__ = ["StorySampleDataset", "ImageDataset", "collate_story_samples", "collate_images", "sdxl_resize_crop"]
+
+
+def sdxl_resize_crop(image: Image.Image, resolution: int, rng: Optional[random.Random] = None):
+    """SDXL's training transform: shorter side to ``resolution`` (bicubic), then a center crop (or a random
+    one with ``rng``). Returns (tensor [3, R, R] in [-1, 1], time_ids [6] = (orig_h, orig_w, top, left, R, R))."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    if rng is None:
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    else:
+        top, left = rng.randint(0, nh - resolution), rng.randint(0, nw - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    time_ids = torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)
+    return pixels, time_ids
+
+
+class _JsonlStream(IterableDataset):
+    """Line-sharded, buffer-shuffled, epoch-seeded stream of story records."""
+
+    def __init__(self, jsonl: str, image_root: str, seed: int = 0, shuffle_buffer: int = 256, rank: int = 0,
+                 world_size: int = 1):
+        if not os.path.isfile(jsonl):
+            raise FileNotFoundError(f"training data not found: {jsonl}")
+        self.jsonl, self.image_root = jsonl, image_root
+        self.seed, self.shuffle_buffer = int(seed), max(1, int(shuffle_buffer))
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
+        self.epoch = 0
+        self.skipped: Counter = Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _rng(self) -> random.Random:
+        shard, shards = self._shard()
+        return random.Random(f"{self.seed}/{self.epoch}/{shard}/{shards}")
+
+    def records(self) -> Iterator[dict]:
+        """This shard's valid records, in file order."""
+        shard, shards = self._shard()
+        with open(self.jsonl, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i % shards != shard or not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    self.skipped["bad json"] += 1
+                    continue
+                images, captions = rec.get("images") if isinstance(rec, dict) else None, None
+                if isinstance(rec, dict):
+                    captions = rec.get("captions")
+                if not isinstance(images, list) or not isinstance(captions, list):
+                    self.skipped["missing field"] += 1
+                    continue
+                if len(images) != len(captions):
+                    self.skipped["length mismatch"] += 1
+                    continue
+                yield rec
+
+    def shuffled(self, rng: random.Random) -> Iterator[dict]:
+        buf: list = []
+        for rec in self.records():
+            buf.append(rec)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def load_image(self, rel: str) -> Optional[Image.Image]:
+        try:
+            with Image.open(os.path.join(self.image_root, rel)) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            self.skipped["unreadable image"] += 1
+            return None
+
+
+class StorySampleDataset(_JsonlStream):
+    """Stage-2 samples: a random number of given frames (``min_given`` .. all but the target) before a random
+    target frame, within ``max_frames`` consecutive frames.
+
+    Length policy: a sample longer than ``max_length`` tokens is never truncated (that could cut an image slot
+    in half); its earliest context frames are dropped one by one until it fits, and the story is skipped
+    (counted in ``skipped['too long']``) when even ``min_given`` frames do not fit."""
+
+    def __init__(self, jsonl: str, image_root: str, prompt: PromptFormat, image_processor: ImageProcessor,
+                 max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
+                 target_image_resolution: Optional[int] = None):
+        super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
+        self.prompt, self.image_processor = prompt, image_processor
+        self.max_length, self.min_given = int(max_length), max(0, int(min_given))
+        self.max_frames = int(max_frames) if max_frames else None
+        if self.max_frames is not None and self.max_frames < 2:
+            raise ValueError("max_frames must be at least 2 (one given frame and the target)")
+        self.target_image_resolution = target_image_resolution
+
+    def sample(self, rec: dict, rng: random.Random) -> Optional[dict]:
+        captions, images = rec["captions"], rec["images"]
+        n = len(captions)
+        span = min(n, self.max_frames) if self.max_frames else n
+        if span < self.min_given + 2:
+            self.skipped["too short"] += 1
+            return None
+        num_given = rng.randint(self.min_given, span - 2)
+        target = rng.randint(num_given + 1, n - 1)
+        while num_given >= self.min_given:
+            first = target - num_given - 1
+            window = [str(c) for c in captions[first: target + 1]]
+            try:
+                encoded = self.prompt.training_sample(window, num_given, self.max_length)
+            except ValueError:  # a caption the serializer refuses (e.g. empty)
+                self.skipped["bad caption"] += 1
+                return None
+            if encoded is not None:
+                break
+            num_given -= 1
+        else:
+            self.skipped["too long"] += 1
+            return None
+        pictures = [self.load_image(p) for p in images[first: target + 1]]
+        if any(p is None for p in pictures):
+            return None
+        out = encoded.as_dict()
+        out["pixel_values"] = self.image_processor(pictures)
+        if self.target_image_resolution:
+            out["sd_pixel_values"], out["time_ids"] = sdxl_resize_crop(pictures[-1], int(self.target_image_resolution))
+        return out
+
+    def __iter__(self):
+        rng = self._rng()
+        for rec in self.shuffled(rng):
+            sample = self.sample(rec, rng)
+            if sample is not None:
+                yield sample
+
+
+class ImageDataset(_JsonlStream):
+    """Every frame image of the stories: ViT input ``pixel_values`` and de-tokenizer target
+    ``sd_pixel_values`` + ``time_ids`` (SDXL resize, center or random crop)."""
+
+    def __init__(self, jsonl: str, image_root: str, image_processor: ImageProcessor, resolution: int,
+                 random_crop: bool = False, seed: int = 0, shuffle_buffer: int = 1024, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
+        self.image_processor, self.resolution, self.random_crop = image_processor, int(resolution), bool(random_crop)
+
+    def __iter__(self):
+        rng = self._rng()
+        buf: list = []
+
+        def emit(rel):
+            picture = self.load_image(rel)
+            if picture is None:
+                return None
+            sd, time_ids = sdxl_resize_crop(picture, self.resolution, rng if self.random_crop else None)
+            return {"pixel_values": self.image_processor(picture)[0], "sd_pixel_values": sd, "time_ids": time_ids}
+
+        for rec in self.shuffled(rng):
+            for rel in rec["images"]:
+                buf.append(rel)
+                if len(buf) >= self.shuffle_buffer:
+                    item = emit(buf.pop(rng.randrange(len(buf))))
+                    if item is not None:
+                        yield item
+        rng.shuffle(buf)
+        for rel in buf:
+            item = emit(rel)
+            if item is not None:
+                yield item
+
+
+def _pad_stack(seqs: Sequence[torch.Tensor], value) -> torch.Tensor:
+    length = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_full((len(seqs), length), value)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out
+
+
+def collate_story_samples(samples: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad the per-position tensors to the batch's longest sample; concatenate the per-image ones
+    (the agent takes every image of the batch in order, with ``embeds_*_mask`` saying which is which)."""
+    batch = {
+        "input_ids": _pad_stack([s["input_ids"] for s in samples], pad_id),
+        "attention_mask": _pad_stack([s["attention_mask"] for s in samples], 0),
+        "labels": _pad_stack([s["labels"] for s in samples], -100),
+        "ids_cmp_mask": _pad_stack([s["ids_cmp_mask"] for s in samples], False),
+        "ids_gen_mask": _pad_stack([s["ids_gen_mask"] for s in samples], False),
+        "embeds_cmp_mask": torch.cat([s["embeds_cmp_mask"] for s in samples]),
+        "embeds_gen_mask": torch.cat([s["embeds_gen_mask"] for s in samples]),
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+    }
+    for key in ("sd_pixel_values", "time_ids"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
+
+
+def collate_images(samples: Sequence[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -1,0 +1,256 @@
+"""What every stage shares: config, accelerator, logging, checkpoints and resume, model loading/export.
+
+A run directory holds ``checkpoints/checkpoint_<n>/`` (accelerate state: model, optimizer, scheduler,
+RNG, plus ``trainer_state.json``), ``logs/`` (TensorBoard) and ``losses.csv``, and ``final/`` (the
+exported model in the ``from_pretrained`` format the story engine loads).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import time
+from typing import Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from seedstory.config import resolve_path
+from seedstory.pipeline import SeedStoryPipeline
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config (configs/train/...)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
+    cfg = OmegaConf.load(path)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = resolve_path(cfg.output_dir)
+    os.makedirs(out, exist_ok=True)
+    t = cfg.train
+    acc = Accelerator(
+        mixed_precision=t.get("mixed_precision", "no"),
+        gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
+        log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
+        project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "logs")),
+        cpu=bool(t.get("cpu", False)),
+    )
+    set_seed(int(t.get("seed", 0)), device_specific=False)
+    if acc.is_main_process:
+        OmegaConf.save(cfg, os.path.join(out, "config.yaml"))
+    return acc, out
+
+
+class LossLog:
+    """Losses to the console (progress bar), TensorBoard (through accelerate) and a CSV file."""
+
+    def __init__(self, accelerator, out_dir: str, project: str, config: DictConfig, resume_step: int = 0):
+        self.acc = accelerator
+        self.path = os.path.join(out_dir, "losses.csv")
+        if accelerator.is_main_process:
+            if resume_step and os.path.exists(self.path):
+                self._truncate(resume_step)
+            if accelerator.log_with:
+                accelerator.init_trackers(project, config=_flat(config))
+
+    def _truncate(self, step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from (a killed run may have gone further)."""
+        with open(self.path) as f:
+            rows = list(csv.reader(f))
+        keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step] if rows else []
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        if self.acc.log_with:
+            self.acc.log(values, step=step)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", *values])
+            w.writerow([step, *(f"{v:.6g}" for v in values.values())])
+
+
+def _flat(cfg: DictConfig) -> dict:
+    out = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif isinstance(v, (int, float, str, bool)):
+                out[f"{prefix}{k}"] = v
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return out
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def checkpoint_dirs(out_dir: str) -> list[str]:
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [d for d in os.listdir(root) if re.fullmatch(r"checkpoint_\d+", d)
+             and os.path.isfile(os.path.join(root, d, "trainer_state.json"))]
+    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d.split("_")[1]))]
+
+
+def save_checkpoint(accelerator, out_dir: str, step: int, keep: int = 2) -> None:
+    path = os.path.join(out_dir, "checkpoints", f"checkpoint_{step}")
+    accelerator.save_state(path)
+    if accelerator.is_main_process:
+        # Written last: a checkpoint without it (killed mid-save) is never resumed from.
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+        for old in checkpoint_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator, out_dir: str) -> int:
+    """Load the latest complete checkpoint; returns its step (0 when there is none)."""
+    dirs = checkpoint_dirs(out_dir)
+    if not dirs:
+        accelerator.print("no checkpoint to resume from; starting at step 0")
+        return 0
+    accelerator.load_state(dirs[-1])
+    with open(os.path.join(dirs[-1], "trainer_state.json")) as f:
+        step = int(json.load(f)["step"])
+    accelerator.print(f"resumed from {dirs[-1]} (step {step})")
+    return step
+
+
+# -- data --------------------------------------------------------------------------------------------------
+def batches(loader, start_step: int, accumulation: int) -> Iterator:
+    """An endless stream of batches that, after a resume at ``start_step``, continues exactly where the
+    interrupted run was: the data order is a function of (seed, epoch) only, so we skip what was used."""
+    skip = start_step * accumulation
+    epoch = 0
+    while True:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        n = 0
+        for batch in loader:
+            n += 1
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        if n == 0:
+            raise RuntimeError("the training data is empty (or every record was skipped)")
+        epoch += 1
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(params, t: DictConfig):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.get("weight_decay", 0.0)),
+                            betas=tuple(t.get("betas", (0.9, 0.999))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(t.get("warmup_steps", 0)), int(t.max_steps)))
+    return opt, sched
+
+
+# -- models ------------------------------------------------------------------------------------------------
+def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
+    """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
+    stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in fp32 —
+    accelerate moves and casts what it trains."""
+    m = cfg.model
+    if m.get("pretrained"):
+        return SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
+    overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
+    return SeedStoryPipeline.from_preset(m.preset, overrides)
+
+
+def export(accelerator, pipe: SeedStoryPipeline, out_dir: str) -> Optional[str]:
+    """Write the trained model in the from_pretrained format (``out_dir/final``)."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    path = os.path.join(out_dir, "final")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    accelerator.print(f"exported {path}")
+    return path
+
+
+def count_parameters(module: torch.nn.Module) -> str:
+    total = sum(p.numel() for p in module.parameters())
+    train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return f"{train / 1e6:.2f} M trainable of {total / 1e6:.2f} M"
+
+
+def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig, out_dir: str, name: str,
+               start_step: int, compute_losses) -> None:
+    """The loop every stage runs: ``compute_losses(batch) -> {"loss": tensor, ...}`` (the first value is
+    optimized; all are logged), gradient accumulation, clipping, LR schedule, logging, checkpoints."""
+    t = cfg.train
+    log = LossLog(accelerator, out_dir, name, cfg, start_step)
+    max_steps, every = int(t.max_steps), int(t.get("checkpoint_every", 100))
+    # stop_after: end early at that step (a checkpoint is written), e.g. to split a run over time slots.
+    stop_after = int(t.get("stop_after") or max_steps)
+    bar = tqdm(total=max_steps, initial=start_step, desc=name, disable=not accelerator.is_main_process)
+    stream = batches(loader, start_step, accelerator.gradient_accumulation_steps)
+    step, sums, n = start_step, {}, 0
+    model.train()
+    while step < max_steps:
+        batch = next(stream)
+        with accelerator.accumulate(model):
+            losses = compute_losses(batch)
+            accelerator.backward(next(iter(losses.values())))
+            if accelerator.sync_gradients and t.get("max_grad_norm"):
+                accelerator.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(accelerator.reduce(v.detach(), "mean"))
+        n += 1
+        if accelerator.sync_gradients:
+            step += 1
+            values = {k: v / n for k, v in sums.items()}
+            log.log(step, {**values, "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            sums, n = {}, 0
+            if step % every == 0 or step in (max_steps, stop_after):
+                save_checkpoint(accelerator, out_dir, step, keep=int(t.get("keep_checkpoints", 2)))
+            if step >= stop_after:
+                break
+    bar.close()

@@ -1,0 +1,55 @@
+"""The de-tokenizer objective shared by stages 1 and 3: DDPM epsilon-prediction MSE on VAE latents,
+conditioned on ViT-space features through the XL resampler (FORMATS §6)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seedstory.models.detokenizer import Detokenizer
+from seedstory.models.qwen_vit import QwenVisionTransformer
+
+
+def set_detokenizer_trainable(detok: Detokenizer, unet_params: str) -> None:
+    """The resampler always; of the UNet, ``attn_kv`` (the release: every attention's to_k/to_v),
+    ``full``, or ``none``. The VAE never."""
+    detok.requires_grad_(False)
+    detok.resampler.requires_grad_(True)
+    if unet_params == "full":
+        detok.unet.requires_grad_(True)
+    elif unet_params == "attn_kv":
+        for name, module in detok.unet.named_modules():
+            if name.endswith(("to_k", "to_v")):
+                module.requires_grad_(True)
+    elif unet_params != "none":
+        raise ValueError(f"train.unet_params must be attn_kv, full or none, not {unet_params!r}")
+
+
+class DenoisingObjective(nn.Module):
+    """Everything trained in stage 1/3 behind one forward, so accelerate prepares a single model.
+
+    ``visual_tokenizer`` is given only when it is trained jointly (small models from scratch); otherwise
+    features are computed outside under no_grad."""
+
+    def __init__(self, detokenizer: Detokenizer, visual_tokenizer: Optional[QwenVisionTransformer] = None):
+        super().__init__()
+        self.detokenizer = detokenizer
+        self.visual_tokenizer = visual_tokenizer
+
+    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None):
+        if features is None:
+            features = self.visual_tokenizer(pixel_values)
+        pred = self.detokenizer(noisy_latents, timesteps, features, time_ids)
+        return F.mse_loss(pred.float(), noise.float())
+
+
+@torch.no_grad()
+def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator=None):
+    """VAE-encode images in [-1, 1], add DDPM noise at uniformly drawn timesteps."""
+    latents = vae.encode(sd_pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
+                      generator=generator)
+    return noise_scheduler.add_noise(latents, noise, t), t, noise

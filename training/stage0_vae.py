@@ -1,0 +1,86 @@
+"""Stage 0 (small models from scratch only): train the de-tokenizer's VAE on the story images.
+
+The release uses SDXL's VAE as is; a small demo model has no such thing to borrow, so it learns its own
+autoencoder first: L1 reconstruction with a small KL term, on random crops (the
+VAE is fully convolutional, so it is trained on crops and used on whole frames). The rest of the
+pipeline is copied through unchanged and exported with the new VAE.
+
+    accelerate launch -m training.stage0_vae --config configs/train/<...>.yaml [--resume]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from seedstory.config import resolve_path
+from seedstory.data.datasets import ImageDataset, collate_images
+
+from .common import (
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
+    train_loop,
+)
+
+
+class AutoencoderObjective(nn.Module):
+    """reconstruction L1 + kl_weight * KL(q(z|x) || N(0, I)), per element."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, images: torch.Tensor) -> dict:
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        rec = F.l1_loss(recon.float(), images.float())
+        kl = posterior.kl().mean() / images[0].numel()
+        return {"loss": rec + self.kl_weight * kl, "l1": rec, "kl": kl}
+
+
+def random_crops(images: torch.Tensor, size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One random ``size`` crop per image (the whole image when it is not larger)."""
+    _, _, h, w = images.shape
+    if h <= size and w <= size:
+        return images
+    tops = torch.randint(0, h - size + 1, (images.shape[0],), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (images.shape[0],), generator=generator).tolist()
+    return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, tops, lefts)])
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    t, d = cfg.train, cfg.data
+    pipe = load_pipeline(cfg)
+    vae = pipe.detokenizer.vae
+    vae.requires_grad_(True)
+    model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)))
+    acc.print(f"vae: {count_parameters(model)}")
+    resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
+    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
+                           random_crop=False, seed=int(t.get("seed", 0)), rank=acc.process_index,
+                           world_size=acc.num_processes)
+    loader = DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
+                        collate_fn=collate_images)
+    optimizer, scheduler = make_optimizer(model.parameters(), t)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume(acc, out) if args.resume else 0
+    crop = int(d.get("crop") or resolution)
+
+    def losses(batch):
+        # Crops come from the global torch RNG, which accelerate checkpoints: a resumed run draws the same ones.
+        return model(random_crops(batch["sd_pixel_values"], crop).to(acc.device))
+
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vae", start, losses)
+    pipe.detokenizer.vae = acc.unwrap_model(model).vae.eval()
+    path = export(acc, pipe, out)
+    acc.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()

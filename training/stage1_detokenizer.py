@@ -1,0 +1,72 @@
+"""Stage 1: de-tokenizer pre-training: reconstruct images from visual-tokenizer features.
+
+Trains the XL resampler and the UNet's attention k/v as the release did (``train.unet_params:
+attn_kv``) or the whole UNet (``full``, small models). With ``train.train_visual_tokenizer: true`` the
+visual tokenizer learns jointly from the same loss: how a small model trained from scratch gets
+features that let the de-tokenizer redraw characters, setting and layout.
+
+    accelerate launch -m training.stage1_detokenizer --config configs/train/<...>.yaml [--resume]
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader
+
+from seedstory.config import resolve_path
+from seedstory.data.datasets import ImageDataset, collate_images
+
+from .common import (
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
+    train_loop,
+)
+from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    t, d = cfg.train, cfg.data
+    pipe = load_pipeline(cfg)
+    vit, detok = pipe.visual_tokenizer, pipe.detokenizer
+    set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
+    joint = bool(t.get("train_visual_tokenizer", False))
+    vit.requires_grad_(joint)
+    model = DenoisingObjective(detok, vit if joint else None)
+    if not joint:
+        vit.eval().to(acc.device)
+    vae = detok.vae.eval().to(acc.device)
+    noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
+    acc.print(f"trained: {count_parameters(model)}")
+    resolution = int(d.get("resolution") or detok.default_size[0])
+    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
+                           random_crop=bool(d.get("random_crop", False)), seed=int(t.get("seed", 0)),
+                           rank=acc.process_index, world_size=acc.num_processes)
+    loader = DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
+                        collate_fn=collate_images)
+    optimizer, scheduler = make_optimizer(model.parameters(), t)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume(acc, out) if args.resume else 0
+
+    def losses(batch):
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
+        pixels, time_ids = batch["pixel_values"].to(acc.device), batch["time_ids"].to(acc.device)
+        if joint:
+            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
+        with torch.no_grad():
+            features = vit(pixels)
+        return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
+
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)
+    trained = acc.unwrap_model(model)
+    pipe.detokenizer = trained.detokenizer.eval()
+    if joint:
+        pipe.visual_tokenizer = trained.visual_tokenizer.eval()
+    path = export(acc, pipe, out)
+    acc.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()

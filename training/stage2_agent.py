@@ -1,0 +1,100 @@
+"""Stage 2: instruction tuning of the agent on stories.
+
+    loss = lm_loss_scale * LM loss (target text, <img>, EOS) + rec_loss_scale * cosine(regressed, ViT features)
+
+The visual tokenizer is frozen. The LLM is tuned with LoRA as the release (r, alpha on the seven
+linears; norms, embeddings and LM head fully trained) or fully (small models); the resamplers are
+always trained. The exported model has the LoRA merged.
+
+    accelerate launch -m training.stage2_agent --config configs/train/<...>.yaml [--resume] [key=value ...]
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+from seedstory.config import resolve_path
+from seedstory.data.datasets import StorySampleDataset, collate_story_samples
+
+from .common import (
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
+    train_loop,
+)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",
+              "embeds_cmp_mask")
+
+
+def apply_lora(llm, lora_cfg):
+    """Wrap the LLM with peft LoRA as the release: seven linears, norms as modules_to_save, embeddings
+    and LM head trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(lora_cfg.r), lora_alpha=int(lora_cfg.alpha), lora_dropout=float(lora_cfg.get("dropout", 0.05)),
+        target_modules=list(lora_cfg.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])),
+        modules_to_save=list(lora_cfg.get("modules_to_save", ["input_layernorm", "post_attention_layernorm", "norm"])),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(llm, config)
+    model.get_input_embeddings().requires_grad_(True)
+    model.get_output_embeddings().requires_grad_(True)
+    return model
+
+
+def build_data(cfg, pipe, accelerator, target_image_resolution=None):
+    """Story samples (FORMATS §5) streamed from ``data.train_jsonl``; stage 3 also wants the target
+    frame's image at the de-tokenizer's resolution."""
+    d = cfg.data
+    dataset = StorySampleDataset(
+        resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.prompt, pipe.image_processor,
+        max_length=int(d.get("max_length", 1280)), max_frames=d.get("max_frames"), min_given=int(d.get("min_given", 0)),
+        seed=int(cfg.train.get("seed", 0)), shuffle_buffer=int(d.get("shuffle_buffer", 256)),
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        target_image_resolution=target_image_resolution,
+    )
+    pad_id = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.prompt.eos_id
+    return DataLoader(dataset, batch_size=int(cfg.train.batch_size), num_workers=int(d.get("num_workers", 0)),
+                      collate_fn=partial(collate_story_samples, pad_id=pad_id))
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    t = cfg.train
+    pipe = load_pipeline(cfg)
+    agent, vit = pipe.agent, pipe.visual_tokenizer
+    vit.requires_grad_(False).eval().to(acc.device)
+    lora = t.get("lora")
+    if lora:
+        agent.llm.requires_grad_(False)
+        agent.llm = apply_lora(agent.llm, lora)
+    if t.get("gradient_checkpointing"):
+        agent.llm.gradient_checkpointing_enable()
+    acc.print(f"agent: {count_parameters(agent)}")
+    loader = build_data(cfg, pipe, acc)
+    optimizer, scheduler = make_optimizer(agent.parameters(), t)
+    agent, optimizer, scheduler = acc.prepare(agent, optimizer, scheduler)
+    start = resume(acc, out) if args.resume else 0
+
+    def losses(batch):
+        with torch.no_grad():
+            image_embeds = vit(batch["pixel_values"].to(acc.device))
+        result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)
+        return {k: result[k] for k in ("total_loss", "lm_loss", "rec_loss")}
+
+    train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
+    trained = acc.unwrap_model(agent)
+    if lora:
+        trained.llm = trained.llm.merge_and_unload()
+    pipe.agent = trained.eval().float()
+    path = export(acc, pipe, out)
+    acc.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Stage 3: de-tokenizer adaptation: feed the stage-2 agent's regressed features (what it will
+produce at story time) to the de-tokenizer and tune it on the story images.
+
+For each story sample the frozen agent reads the context and regresses the target frame's features
+(output resampler on the hidden states of its image slots); the de-tokenizer learns to paint the
+target image from them.
+
+    accelerate launch -m training.stage3_adapt --config configs/train/<...>.yaml [--resume]
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from .common import (
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
+    train_loop,
+)
+from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
+from .stage2_agent import BATCH_KEYS, build_data
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    t, d = cfg.train, cfg.data
+    pipe = load_pipeline(cfg)
+    vit, agent, detok = pipe.visual_tokenizer, pipe.agent, pipe.detokenizer
+    for frozen in (vit, agent):
+        frozen.requires_grad_(False).eval().to(acc.device)
+    set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
+    model = DenoisingObjective(detok)
+    vae = detok.vae.eval().to(acc.device)
+    noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
+    acc.print(f"trained: {count_parameters(model)}")
+    resolution = int(d.get("resolution") or detok.default_size[0])
+    loader = build_data(cfg, pipe, acc, target_image_resolution=resolution)
+    optimizer, scheduler = make_optimizer(model.parameters(), t)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume(acc, out) if args.resume else 0
+
+    def losses(batch):
+        with torch.no_grad():
+            image_embeds = vit(batch["pixel_values"].to(acc.device))
+            regressed = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds,
+                              return_recon_image_embeds=True)["recon_image_embeds"]
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
+        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
+
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses)
+    pipe.detokenizer = acc.unwrap_model(model).detokenizer.eval()
+    path = export(acc, pipe, out)
+    acc.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()
