@@ -47,7 +47,7 @@ def make_accelerator(cfg: DictConfig):
     os.makedirs(out, exist_ok=True)
     t = cfg.train
     acc = Accelerator(
-        mixed_precision=t.get("mixed_precision", "no"),
+        mixed_precision=t.get("mixed_precision"),  # None: the accelerate launch config decides
         gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
         log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "logs")),
@@ -193,6 +193,16 @@ def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
         return SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
     overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
     return SeedStoryPipeline.from_preset(m.preset, overrides)
+
+
+def unwrap_trained(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The trained module with its full weights, also when DeepSpeed ZeRO-3 or FSDP shard them across
+    processes (``get_state_dict`` gathers them; a plain ``unwrap_model`` would hold empty shards)."""
+    state = accelerator.get_state_dict(model)
+    module = accelerator.unwrap_model(model)
+    if state is not None and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        module.load_state_dict(state)
+    return module
 
 
 def export(accelerator, pipe: SeedStoryPipeline, out_dir: str) -> Optional[str]:

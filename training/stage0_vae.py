@@ -21,7 +21,7 @@ from seedstory.data.datasets import ImageDataset, collate_images
 
 from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop,
+    train_loop, unwrap_trained,
 )
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> str:
         return model(random_crops(batch["sd_pixel_values"], crop).to(acc.device))
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vae", start, losses)
-    pipe.detokenizer.vae = acc.unwrap_model(model).vae.eval()
+    pipe.detokenizer.vae = unwrap_trained(acc, model).vae.eval()
     path = export(acc, pipe, out)
     acc.end_training()
     return path

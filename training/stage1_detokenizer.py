@@ -18,7 +18,7 @@ from seedstory.data.datasets import ImageDataset, collate_images
 
 from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop,
+    train_loop, unwrap_trained,
 )
 from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
 
@@ -59,7 +59,7 @@ def main(argv=None) -> str:
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)
-    trained = acc.unwrap_model(model)
+    trained = unwrap_trained(acc, model)
     pipe.detokenizer = trained.detokenizer.eval()
     if joint:
         pipe.visual_tokenizer = trained.visual_tokenizer.eval()

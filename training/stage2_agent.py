@@ -19,7 +19,7 @@ from seedstory.data.datasets import StorySampleDataset, collate_story_samples
 
 from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop,
+    train_loop, unwrap_trained,
 )
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",
@@ -87,7 +87,7 @@ def main(argv=None) -> str:
         return {k: result[k] for k in ("total_loss", "lm_loss", "rec_loss")}
 
     train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
-    trained = acc.unwrap_model(agent)
+    trained = unwrap_trained(acc, agent)
     if lora:
         trained.llm = trained.llm.merge_and_unload()
     pipe.agent = trained.eval().float()

@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 
 from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop,
+    train_loop, unwrap_trained,
 )
 from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
 from .stage2_agent import BATCH_KEYS, build_data
@@ -49,7 +49,7 @@ def main(argv=None) -> str:
         return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses)
-    pipe.detokenizer = acc.unwrap_model(model).detokenizer.eval()
+    pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
     path = export(acc, pipe, out)
     acc.end_training()
     return path
