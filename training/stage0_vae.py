@@ -50,6 +50,16 @@ def random_crops(images: torch.Tensor, size: int, generator: Optional[torch.Gene
     return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, tops, lefts)])
 
 
+@torch.no_grad()
+def latent_std(vae, loader, batches: int, device) -> float:
+    values = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        values.append(vae.encode(batch["sd_pixel_values"].to(device)).latent_dist.sample().flatten().float().cpu())
+    return float(torch.cat(values).std())
+
+
 def main(argv=None) -> str:
     args = parse_args(__doc__.splitlines()[1], argv)
     cfg = load_config(args.config, args.overrides)
@@ -76,7 +86,13 @@ def main(argv=None) -> str:
         return model(random_crops(batch["sd_pixel_values"], crop).to(acc.device))
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vae", start, losses)
-    pipe.detokenizer.vae = unwrap_trained(acc, model).vae.eval()
+    vae = unwrap_trained(acc, model).vae.eval()
+    if t.get("set_scaling_factor", True):
+        # As Stable Diffusion did: scale latents to unit variance, so the noise schedule means what it says.
+        std = latent_std(vae, loader, int(t.get("scaling_batches", 8)), acc.device)
+        vae.register_to_config(scaling_factor=1.0 / std)
+        acc.print(f"latent std {std:.4f}: scaling_factor = {1.0 / std:.4f}")
+    pipe.detokenizer.vae = vae
     path = export(acc, pipe, out)
     acc.end_training()
     return path
