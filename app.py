@@ -177,13 +177,11 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         logic.load(session, file)
         return render(session, "Story loaded.")
 
-    @guarded
     def load_model(preset):
-        holder.switch(preset)
-        return holder.describe()
+        return logic.load_preset(holder, preset)
 
     def model_status():
-        return holder.describe()
+        return logic.model_report(holder)
 
     def configure(decoding="greedy", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
                   mode="window", window=0, seed=None):

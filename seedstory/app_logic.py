@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 from PIL import Image
 
 from .config import GenerationSettings
+from .doctor import report_for_preset
 from .engine import StoryEngine
 from .export import FORMATS, export_story
 from .holder import ModelHolder
@@ -128,6 +129,23 @@ def frame_info(session: StorySession) -> str:
 
 
 # -- actions -------------------------------------------------------------------------------------------
+def model_report(holder: ModelHolder) -> str:
+    """Markdown about the shared models: what is loaded and where, or, when the preset failed to load, the
+    doctor's report (each missing or wrong file, where it comes from and where it goes)."""
+    if holder.error and not holder.loaded:
+        return report_for_preset(holder.preset, holder.overrides, error=holder.error)
+    return holder.describe()
+
+
+def load_preset(holder: ModelHolder, name: str, overrides: Optional[list[str]] = None) -> str:
+    """Switch the shared models to preset ``name``; never raises: a failure is reported by ``model_report``."""
+    try:
+        holder.switch(name, overrides)
+    except Exception:  # noqa: BLE001 - recorded in holder.error and shown as the doctor's report
+        pass
+    return model_report(holder)
+
+
 def engine_for(holder: ModelHolder, ui: UISettings) -> StoryEngine:
     return holder.engine(ui.mode or "window", int(ui.window) if ui.window else None)
 

@@ -176,3 +176,17 @@ def test_concurrent_sessions_stay_apart(app_server, opening_png):
         others = [f"Story number {j} " for j in range(CLIENTS) if j != k]
         flat = " ".join(captions(last) + labels + [last[TREE]])
         assert not any(o in flat for o in others), (k, flat)
+
+
+def test_readme_client_example_runs(app_server, monkeypatch):
+    """The README's ``gradio_client`` example, run as written (only the server address changed)."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in b)
+    code = block.replace('"http://127.0.0.1:7860/"', repr(app_server))
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert len(scope["board"]) == 2 and all(os.path.isfile(item["image"]) for item in scope["board"])
+    with open(scope["pdf"], "rb") as f:
+        assert f.read(5) == b"%PDF-"

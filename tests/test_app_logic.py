@@ -461,3 +461,16 @@ def test_build_app_lists_the_api(holder):
     labels = [r["label"] for r in named["/start_story"]["returns"]]
     assert labels[:3] == ["Storyboard (the current branch)", "Selected frame", "Frame text (edit, then apply)"]
     assert labels[4] == "Frame" and len(labels) == 7  # the session state is not part of the API
+
+
+
+def test_a_preset_that_fails_to_load_shows_the_doctor_report(tmp_path):
+    """Loading a preset whose weights are missing gives the doctor's report naming the missing files, not a
+    crash; switching back to a working preset works and the report gives way to what is loaded."""
+    holder = ModelHolder("tiny")
+    report = logic.load_preset(holder, "seed-story-george", overrides=[f"release.root={tmp_path / 'pretrained'}"])
+    assert report.startswith("**Loading `seed-story-george` failed:**")
+    assert "pytorch_model.bin" in report and "qwen_vit_G" in report
+    assert not holder.loaded and logic.model_report(holder).startswith(report.split("\n")[0])
+    shown = logic.load_preset(holder, "tiny")
+    assert holder.loaded and "failed" not in shown and shown == holder.describe()
