@@ -144,15 +144,25 @@ def cmd_generate(args) -> int:
     return 0 if report.complete_after == report.total else 1
 
 
+# -- synthetic-world analyzer -----------------------------------------------------------------------------
+def _add_synthetic(sub) -> None:
+    from . import synthetic
+
+    p = sub.add_parser("synthetic", help="analyse stories of the synthetic world (validity, agreement, consistency)",
+                       description=synthetic.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synthetic.configure(p)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
-# Each command adds its own subparser; later commands (e.g. ``synthetic``) register here.
-COMMANDS = [_add_judge, _add_generate]
+# Each command adds its own subparser.
+COMMANDS = [_add_judge, _add_generate, _add_synthetic]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m seedstory.eval",
                                      description="Evaluate SEED-Story models: LLM-judge scores and comparisons, "
-                                                 "and story generation for evaluation")
+                                                 "story generation for evaluation, and the synthetic-world "
+                                                 "analyzer")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:

@@ -1,0 +1,110 @@
+"""The synthetic-world story analyzer: it must score the world's own stories ~100%, catch deliberately
+corrupted frames, read saved stories, and run the stage-1 reconstruction check."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from seedstory.data import synthetic as S
+from seedstory.eval import synthetic as E
+from seedstory.storage import save_story
+from seedstory.story import Frame, StoryTree
+
+
+@pytest.fixture(scope="module")
+def world_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    S.write_dataset(str(out), 8, frames=10, size=128, seed=11, val_fraction=0.0, workers=1, progress=False)
+    return str(out / "train.jsonl"), str(out / "images")
+
+
+@pytest.fixture(scope="module")
+def stories(world_data):
+    return list(E.dataset_stories(*world_data))
+
+
+def _save(frames, path):
+    tree = StoryTree()
+    parent = None
+    for k, (text, image) in enumerate(frames):
+        f = tree.add(Frame(id=tree.new_id(), parent=parent, text=text, image=image,
+                           origin="opening" if k == 0 else "generated"))
+        parent = f.id
+    save_story(tree, str(path))
+
+
+def test_ground_truth_scores_at_least_98_percent(stories):
+    report = E.analyze((n, fr) for n, fr, _ in stories)
+    overall = report.overall()
+    for metric in (*E.METRICS, "strict_agreement"):
+        assert overall[metric] >= 0.98, (metric, report.markdown())
+    counts = report.totals()
+    assert counts["caption_validity"][1] == 8 * 9  # every frame after the opening
+    assert counts["character_consistency"][1] > 8 * 9  # one per figure drawn, usually several a frame
+
+
+def test_corrupted_frames_are_caught(world_data):
+    result = E.self_check(*world_data, stories=8, seed=3)
+    assert min(result["ground_truth"].values()) >= 0.98
+    caught = result["corruptions_caught"]
+    assert set(caught) == {"character_consistency", "setting_consistency", "caption_agreement", "caption_validity"}
+    for metric, c in caught.items():
+        assert c["tried"] >= 6 and c["caught"] == c["tried"], (metric, c)
+
+
+def test_each_metric_flags_the_right_frame(stories):
+    world = S.world_json()
+    name, frames, truths = stories[0]
+    rng = np.random.default_rng(0)
+    i = 4
+    broken = list(frames)
+    broken[i] = (frames[i][0], E.change_setting(frames[i][1], truths[i], world, rng, avoid=[truths[i - 1]["setting"]]))
+    score = E.score_story(name, broken, world)
+    assert (i, "setting_consistency") in {(f, m) for f, m, _ in score.problems}
+    assert score.rate("setting_consistency") < 1.0
+
+    broken = list(frames)
+    broken[i] = ("Then the moon ate a sandwich.", frames[i][1])
+    score = E.score_story(name, broken, world)
+    assert [(f, m) for f, m, _ in score.problems] == [(i, "caption_validity")]
+    assert score.rate("caption_validity") == pytest.approx(8 / 9)
+
+    # the opening is the user's: a bad opening caption is not the model's fault
+    broken = list(frames)
+    broken[0] = ("zorp", frames[0][1])
+    assert E.score_story(name, broken, world).rate("caption_validity") == 1.0
+
+
+def test_reading_saved_stories_from_the_cli(stories, tmp_path, capsys):
+    root = tmp_path / "stories"
+    root.mkdir()
+    (name_a, frames_a, _), (name_b, frames_b, _) = stories[:2]
+    _save(frames_a, root / name_a)
+    swapped = list(frames_b)
+    swapped[3] = (frames_a[5][0], frames_b[3][1])  # another story's caption: names what is not drawn
+    _save(swapped, root / f"{name_b}.zip")
+    out = tmp_path / "result.json"
+    assert E.main(["--out", str(out), "stories", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 stories, 18 frames analysed" in printed and "caption agreement" in printed
+    result = json.loads(out.read_text())
+    per = {s["name"]: s for s in result["per_story"]}
+    assert per[name_a]["caption_agreement"] == 1.0 and per[name_a]["problems"] == []
+    assert any(p["frame"] == 3 for p in per[name_b]["problems"])
+    assert set(result["targets"]) == set(E.METRICS)
+
+    from seedstory.eval.__main__ import main as eval_main
+
+    assert eval_main(["synthetic", "--json", "stories", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out)["stories"] == 2
+    assert E.main(["stories", str(tmp_path / "nowhere")]) == 1
+
+
+def test_reconstruction_check_runs_on_the_tiny_preset(world_data):
+    result = E.reconstruct(*world_data, preset="tiny", frames=3, progress=False)
+    assert result["frames"] == 3
+    for key in ("scene_exact", "setting", "characters"):
+        assert 0.0 <= result[key] <= 1.0
+    # a random model redraws nothing of the scene: every frame is an example of a miss
+    assert result["scene_exact"] == 0.0 and len(result["examples"]) == 3
