@@ -94,6 +94,7 @@ class StoryScore:
     frames: int  # frames analysed (after the opening)
     counts: dict = field(default_factory=dict)  # metric -> [passed, total]
     problems: list = field(default_factory=list)  # (frame index, metric, what)
+    per_frame: dict = field(default_factory=dict)  # frame index -> metric -> [passed, total]
 
     def rate(self, metric: str) -> Optional[float]:
         ok, total = self.counts.get(metric, (0, 0))
@@ -109,6 +110,9 @@ class StoryScore:
 def _count(score: StoryScore, metric: str, ok: bool, frame: int, what: str = "") -> None:
     passed, total = score.counts.get(metric, (0, 0))
     score.counts[metric] = (passed + int(ok), total + 1)
+    here = score.per_frame.setdefault(frame, {}).setdefault(metric, [0, 0])
+    here[0] += int(ok)
+    here[1] += 1
     if not ok and len(score.problems) < 200:
         score.problems.append((frame, metric, what))
 
