@@ -29,7 +29,15 @@ except ImportError:
     def gpu(fn):
         return fn
 
+# Openings from the synthetic world's validation split (what the shipped demo model knows), then two others.
 EXAMPLES = [
+    [os.path.join(REPO_ROOT, "assets", "examples", "world_beach.png"),
+     "It is a bright day on the beach. Moss stands on the left with the kite. Lulu is on the right."],
+    [os.path.join(REPO_ROOT, "assets", "examples", "world_cave.png"),
+     "Our story begins in the cave. Bodo stands in the centre with the book. Lulu stands on the right."],
+    [os.path.join(REPO_ROOT, "assets", "examples", "world_forest.png"),
+     "Our story begins in the forest. Moss stands on the left. Tansy stands in the centre with the apple. "
+     "Bodo is on the right, holding the bucket."],
     [os.path.join(REPO_ROOT, "assets", "examples", "fox_meadow.png"), "A little fox with a red headband sat in the meadow."],
     [os.path.join(REPO_ROOT, "assets", "examples", "robot_night.png"), "A small robot looked up at the moon."],
 ]

@@ -108,3 +108,18 @@ def test_reconstruction_check_runs_on_the_tiny_preset(world_data):
         assert 0.0 <= result[key] <= 1.0
     # a random model redraws nothing of the scene: every frame is an example of a miss
     assert result["scene_exact"] == 0.0 and len(result["examples"]) == 3
+
+
+def test_the_apps_world_examples_are_faithful_openings():
+    """The app's bundled synthetic-world openings: each caption parses and says what the picture shows."""
+    import app
+
+    world_examples = [(path, text) for path, text in app.EXAMPLES if os.path.basename(path).startswith("world_")]
+    assert len(world_examples) >= 3
+    from PIL import Image
+
+    for path, text in world_examples:
+        with Image.open(path) as im:
+            scene = S.detect(im.convert("RGB"))
+        assert S.parse_caption(text) is not None, text
+        assert S.caption_agrees(text, scene) == [], (path, text)
