@@ -1,0 +1,194 @@
+"""StoryStream data tools (validate / chunk / stats, and their CLI) and the streaming training datasets."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from seedstory.data import storystream as ss
+from seedstory.data.__main__ import main as data_main
+from seedstory.data.datasets import ImageDataset, StorySampleDataset, collate_story_samples, sdxl_resize_crop
+from seedstory.image_processing import ImageProcessor
+from seedstory.prompt import IGNORE_INDEX, PromptFormat
+from seedstory.tokens import ImageTokenIds
+
+
+def _story(sid, n, root, captions=None, make_images=True, tint=0):
+    images = [f"{sid}/{k}.png" for k in range(n)]
+    if make_images:
+        os.makedirs(root / sid, exist_ok=True)
+        for k, rel in enumerate(images):
+            Image.new("RGB", (12, 8), (10 * k, tint, 0)).save(root / rel)
+    return {"id": sid, "images": images, "captions": captions or [f"a cat {k}" for k in range(n)],
+            "orders": list(range(n)), "truth": [{"frame": k} for k in range(n)]}
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A jsonl with two good stories and one of each problem (plus blank lines)."""
+    root = tmp_path / "images"
+    good1, good2 = _story("good1", 3, root), _story("good2", 2, root)
+    missing = _story("missing", 2, root)
+    os.remove(root / "missing" / "1.png")
+    corrupt = _story("corrupt", 2, root)
+    (root / "corrupt" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    lines = [
+        json.dumps(good1),
+        "{not json",
+        "",
+        json.dumps(["a", "list"]),
+        json.dumps({"id": "nofield", "images": ["x.png"]}),
+        json.dumps({**_story("mismatch", 2, root), "captions": ["only one"]}),
+        json.dumps({**_story("badorders", 2, root), "orders": [0]}),
+        json.dumps({"id": "empty", "images": [], "captions": []}),
+        json.dumps(missing),
+        json.dumps(corrupt),
+        json.dumps({**good1, "captions": ["again"] * 3}),  # duplicate id
+        "   ",
+        json.dumps(good2),
+    ]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, root
+
+
+def test_validate_counts_every_problem_and_keeps_the_good(broken):
+    path, root = broken
+    report = ss.ValidationReport()
+    kept = list(ss.iter_stories(str(path), str(root), report=report))
+    assert [s["id"] for s in kept] == ["good1", "good2"]
+    assert dict(report.problems) == {"bad json": 1, "not an object": 1, "missing field": 1, "length mismatch": 2,
+                                     "empty story": 1, "missing image": 1, "unreadable image": 1, "duplicate id": 1}
+    assert report.total_lines == 11 and report.valid == 2 and report.frames == 5 and not report.ok
+    assert report.examples["missing image"] == [(9, "missing/1.png")]
+    assert "duplicate id: 1 story skipped" in report.markdown()
+    # without images only the text problems remain
+    text_only = ss.validate(str(path), None)
+    assert "missing image" not in text_only.problems and text_only.valid == 4
+
+
+def test_validate_cli_exit_codes(broken, tmp_path, capsys):
+    path, root = broken
+    assert data_main(["validate", str(path), "--images", str(root), "--json"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert result["valid"] == 2 and result["skipped"] == 9
+    good = tmp_path / "good.jsonl"
+    good.write_text(path.read_text().splitlines()[0] + "\n")
+    assert data_main(["validate", str(good), "--images", str(root)]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    assert data_main(["validate", str(tmp_path / "nope.jsonl"), "--no-images"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_chunk_30_frames_into_windows_of_10(tmp_path):
+    src = tmp_path / "long.jsonl"
+    stories = [_story("a", 30, tmp_path, make_images=False), _story("b", 25, tmp_path, make_images=False)]
+    src.write_text("\n".join(json.dumps(s) for s in stories) + "\n{broken\n")
+    out = tmp_path / "windows.jsonl"
+    counts = ss.chunk(str(src), str(out), window=10)
+    assert (counts["stories"], counts["windows"], counts["frames_dropped"]) == (2, 5, 5)
+    assert counts["problems"] == {"bad json": 1}
+    windows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["id"] for w in windows] == ["a_0", "a_1", "a_2", "b_0", "b_1"]
+    a1 = windows[1]
+    assert a1["images"] == [f"a/{k}.png" for k in range(10, 20)]
+    assert a1["captions"][0] == "a cat 10" and a1["orders"] == list(range(10, 20))
+    assert a1["truth"] == [{"frame": k} for k in range(10, 20)]  # every per-frame list is sliced
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # overlapping windows, a kept short tail
+    ss.chunk(str(src), str(out), window=10, stride=5, min_frames=5)
+    starts = [json.loads(line)["orders"][0] for line in out.read_text().splitlines() if line.startswith('{"id": "b')]
+    assert starts == [0, 5, 10, 15]
+    with pytest.raises(ValueError):
+        ss.chunk(str(src), str(src))
+    assert data_main(["chunk", str(src), "--out", str(out), "--window", "15"]) == 0
+
+
+def test_stats(broken, capsys):
+    path, root = broken
+    s = ss.stats(str(path), str(root))
+    assert s["stories"] == 2 and s["frames"] == 5 and s["distinct_images"] == 5
+    assert s["frames_per_story"] == {"min": 2, "mean": 2.5, "max": 3}
+    assert s["caption_words"]["min"] == 3 and s["problems"]["unreadable image"] == 1
+    assert data_main(["stats", str(path)]) == 0
+    assert "frames per story: min 2" in capsys.readouterr().out
+
+
+# -- training datasets ------------------------------------------------------------------------------------
+@pytest.fixture
+def dataset_files(tmp_path):
+    root = tmp_path / "images"
+    stories = [_story(f"s{i}", 4, root, captions=["a cat", "the dog", "a sun", "the cat"], tint=20 * i)
+               for i in range(12)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(s) for s in stories) + "\n")
+    return str(path), str(root)
+
+
+def test_story_sample_follows_formats_section_5(dataset_files, word_tokenizer):
+    pf = PromptFormat(word_tokenizer, 4)
+    ids = ImageTokenIds.from_tokenizer(word_tokenizer, 4)
+    ds = StorySampleDataset(*dataset_files, pf, ImageProcessor(28), max_length=200, seed=1,
+                            target_image_resolution=16)
+    samples = list(ds)
+    assert len(samples) == 12 and not ds.skipped
+    for s in samples:
+        x, lab = s["input_ids"].tolist(), s["labels"].tolist()
+        n_img = x.count(ids.boi)
+        assert x[0] == word_tokenizer.bos_token_id and x[-1] == word_tokenizer.eos_token_id
+        assert n_img == x.count(ids.eoi) == s["pixel_values"].shape[0] and s["pixel_values"].shape[1:] == (3, 28, 28)
+        assert s["embeds_gen_mask"].tolist() == [False] * (n_img - 1) + [True]
+        assert s["embeds_cmp_mask"].tolist() == [True] * (n_img - 1) + [False]
+        assert int(s["ids_cmp_mask"].sum()) == 4 * (n_img - 1) and int(s["ids_gen_mask"].sum()) == 4
+        # only the target frame is learned: its text, its <img>, then EOS; never its slot tokens
+        learned = [i for i, v in enumerate(lab) if v != IGNORE_INDEX]
+        last_boi = len(x) - 1 - x[::-1].index(ids.boi)
+        assert lab[last_boi] == ids.boi and lab[-1] == word_tokenizer.eos_token_id
+        assert all(lab[i] == IGNORE_INDEX for i in range(last_boi + 1, len(x) - 1))
+        assert all(x[i] == lab[i] for i in learned)
+        assert s["sd_pixel_values"].shape == (3, 16, 16) and s["time_ids"].tolist() == [8, 12, 0, 4, 16, 16]  # 12x8 -> 24x16, centre crop
+    batch = collate_story_samples(samples[:3], pad_id=word_tokenizer.pad_token_id)
+    longest = max(len(s["input_ids"]) for s in samples[:3])
+    assert batch["input_ids"].shape == (3, longest) and batch["labels"].shape == (3, longest)
+    for row, s in zip(range(3), samples[:3]):
+        k = len(s["input_ids"])
+        assert (batch["labels"][row, k:] == IGNORE_INDEX).all() and (batch["attention_mask"][row, k:] == 0).all()
+    assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples[:3])
+    assert batch["embeds_gen_mask"].sum() == 3 and batch["sd_pixel_values"].shape == (3, 3, 16, 16)
+
+
+def test_two_workers_read_every_story_once_and_the_order_is_seeded(dataset_files, word_tokenizer):
+    pf = PromptFormat(word_tokenizer, 4)
+
+    def run(epoch, workers, seed=3):
+        ds = StorySampleDataset(*dataset_files, pf, ImageProcessor(14), max_length=200, seed=seed, shuffle_buffer=4)
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers)
+        # each sample's first context caption and the pixel mean of its images identify its story's draw
+        return [(tuple(s["input_ids"].tolist()), float(s["pixel_values"].mean())) for s in loader]
+
+    two = run(0, 2)
+    assert len(two) == 12 and len(set(two)) == len(two)  # with two workers: every story once, none twice
+    assert run(0, 2) == two  # same seed and epoch: same samples in the same order
+    assert run(1, 2) != two  # the next epoch reshuffles
+
+    ids = ImageDataset(dataset_files[0], dataset_files[1], ImageProcessor(14), resolution=8, seed=0, shuffle_buffer=8)
+    loader = DataLoader(ids, batch_size=6, num_workers=2)
+    pixels = torch.cat([b["sd_pixel_values"] for b in loader])
+    assert pixels.shape[0] == 12 * 4  # every frame of every story, once
+
+
+def test_sdxl_resize_crop_on_a_non_square_image():
+    img = Image.new("RGB", (300, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 150, 100))  # left half blue, right half red
+    pixels, time_ids = sdxl_resize_crop(img, 50)
+    assert pixels.shape == (3, 50, 50) and pixels.min() >= -1 and pixels.max() <= 1
+    # shorter side 100 -> 50: 150 x 50, center crop from left 50
+    assert time_ids.tolist() == [100, 300, 0, 50, 50, 50]
+    assert pixels[2, :, :20].mean() > 0.9 and pixels[0, :, -20:].mean() > 0.9  # blue left, red right
+    import random
+
+    crops = {tuple(sdxl_resize_crop(img, 50, random.Random(s))[1].tolist()) for s in range(20)}
+    assert len(crops) > 1 and all(c[2] == 0 and 0 <= c[3] <= 100 for c in crops)
