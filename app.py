@@ -191,7 +191,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
     def model_status():
         return logic.model_report(holder)
 
-    def configure(decoding="greedy", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
+    def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
                   mode="window", window=0, seed=None):
         """All generation settings at once (0 or empty means the preset's default; for the seed too)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None)
@@ -246,7 +246,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_btn = gr.Button("Load model")
                 model_info = gr.Markdown()
             with gr.Row():
-                decoding = gr.Radio(["greedy", "sampling"], value="greedy", label="Text decoding")
+                decoding = gr.Radio(["preset", "greedy", "sampling"], value="preset",
+                                    label="Text decoding (preset: the model's own default)")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)

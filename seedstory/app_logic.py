@@ -29,7 +29,7 @@ PART_CHOICES = {"text and image": "both", "text only": "text", "image only": "im
 class UISettings:
     """The settings panel, as plain values (what the widgets hold)."""
 
-    decoding: str = "greedy"  # greedy | sampling
+    decoding: str = "preset"  # preset (the preset's own decoding) | greedy | sampling
     temperature: float = 0.7
     top_p: float = 0.9
     steps: Optional[int] = None
@@ -40,8 +40,13 @@ class UISettings:
     seed: Optional[int] = None
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
+        decoding = {}
+        if self.decoding in ("greedy", "sampling"):
+            decoding = dict(do_sample=self.decoding == "sampling", temperature=self.temperature, top_p=self.top_p)
+        elif self.decoding != "preset":
+            raise ValueError(f"unknown text decoding {self.decoding!r}: preset, greedy or sampling")
         return base.replace(
-            do_sample=self.decoding == "sampling", temperature=self.temperature, top_p=self.top_p,
+            **decoding,
             num_inference_steps=int(self.steps) if self.steps else None,
             guidance_scale=float(self.guidance) if self.guidance else None,
             scheduler=self.scheduler or None, window=int(self.window) if self.window else None,

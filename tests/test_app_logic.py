@@ -474,3 +474,17 @@ def test_a_preset_that_fails_to_load_shows_the_doctor_report(tmp_path):
     assert not holder.loaded and logic.model_report(holder).startswith(report.split("\n")[0])
     shown = logic.load_preset(holder, "tiny")
     assert holder.loaded and "failed" not in shown and shown == holder.describe()
+
+
+def test_text_decoding_defaults_to_the_presets_own():
+    from seedstory.config import GenerationSettings
+
+    base = GenerationSettings().replace(do_sample=True, temperature=0.5, top_p=0.8)
+    kept = logic.UISettings().generation(base)
+    assert (kept.do_sample, kept.temperature, kept.top_p) == (True, 0.5, 0.8)
+    greedy = logic.UISettings(decoding="greedy").generation(base)
+    assert greedy.do_sample is False
+    sampled = logic.UISettings(decoding="sampling", temperature=1.3, top_p=0.5).generation(base.replace(do_sample=False))
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 1.3, 0.5)
+    with pytest.raises(ValueError, match="unknown text decoding"):
+        logic.UISettings(decoding="beam").generation(base)
