@@ -31,11 +31,18 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str, overrides: Optional[list[str] | dict] = None) -> DictConfig:
-    """Load a preset by name (``tiny``) or path, with dotted overrides (``["runtime.dtype=bf16"]``)."""
-    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, name_or_path + ".yaml")
-    if not os.path.isfile(path):
-        raise PresetError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets()) or 'none'}")
-    cfg = OmegaConf.load(path)
+    """Load a preset by name (``tiny``), YAML path, or a folder in our ``from_pretrained`` format (a
+    training run's ``final/``, a ``convert`` output), with dotted overrides (``["runtime.dtype=bf16"]``)."""
+    if os.path.isfile(os.path.join(name_or_path, "seedstory.json")):
+        path = os.path.abspath(name_or_path)
+        cfg = OmegaConf.create({"name": os.path.basename(path.rstrip(os.sep)) or path, "source": "pretrained",
+                                "path": path, "runtime": {"device": "auto", "dtype": "auto"}})
+    else:
+        path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, name_or_path + ".yaml")
+        if not os.path.isfile(path):
+            raise PresetError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets()) or 'none'}, "
+                              "a preset YAML file, or a folder holding seedstory.json")
+        cfg = OmegaConf.load(path)
     if overrides:
         extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
         cfg = OmegaConf.merge(cfg, extra)

@@ -28,3 +28,23 @@ def test_switch_frees_old_models():
     old = weakref.ref(holder.pipeline())
     new = holder.switch("tiny", ["init_seed=1"])
     assert old() is None and new is holder.pipeline()
+
+
+def test_a_saved_model_folder_is_a_preset(tmp_path):
+    """``--preset DIR`` / ``ModelHolder(DIR)``: a training run's ``final/`` or a ``convert`` output loads as is."""
+    import pytest
+    import torch
+
+    from seedstory.config import PresetError, load_preset
+
+    tiny = ModelHolder("tiny").pipeline()
+    folder = tmp_path / "final"
+    tiny.save_pretrained(str(folder))
+    cfg = load_preset(str(folder))
+    assert cfg.source == "pretrained" and cfg.name == "final"
+    holder = ModelHolder(str(folder))
+    pipe = holder.pipeline()
+    for a, b in zip(pipe.agent.parameters(), tiny.agent.parameters()):
+        assert torch.equal(a.float(), b.float())
+    with pytest.raises(PresetError, match="seedstory.json"):
+        load_preset(str(tmp_path))
