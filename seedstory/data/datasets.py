@@ -78,13 +78,13 @@ class _JsonlStream(IterableDataset):
     def records(self) -> Iterator[dict]:
         """This shard's valid records, in file order."""
         shard, shards = self._shard()
-        with open(self.jsonl, encoding="utf-8") as f:
+        with open(self.jsonl, "rb") as f:  # bytes: a line of invalid UTF-8 is one bad record, not a crash
             for i, line in enumerate(f):
                 if i % shards != shard or not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # bad JSON or encoding, absurd nesting
                     self.skipped["bad json"] += 1
                     continue
                 images, captions = rec.get("images") if isinstance(rec, dict) else None, None
@@ -111,7 +111,7 @@ class _JsonlStream(IterableDataset):
         try:
             with Image.open(os.path.join(self.image_root, rel)) as im:
                 return im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError):  # TypeError: a path not a string
             self.skipped["unreadable image"] += 1
             return None
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -77,20 +78,23 @@ def _problem(rec, seen_ids: set, line: int) -> Optional[tuple[str, str]]:
     if not isinstance(images, list) or not isinstance(captions, list):
         missing = [k for k, v in (("images", images), ("captions", captions)) if not isinstance(v, list)]
         return "missing field", ", ".join(missing)
-    if not images:
-        return "empty story", ""
     if not all(isinstance(x, str) for x in images) or not all(isinstance(x, str) for x in captions):
         return "missing field", "images and captions must be strings"
     orders = rec.get("orders")
     if len(images) != len(captions) or (orders is not None and (not isinstance(orders, list)
                                                                 or len(orders) != len(images))):
         lens = f"{len(images)} images, {len(captions)} captions"
-        return "length mismatch", lens + (f", {len(orders)} orders" if isinstance(orders, list) else "")
+        if orders is not None:
+            lens += f", {len(orders)} orders" if isinstance(orders, list) else ", orders not a list"
+        return "length mismatch", lens
+    if not images:
+        return "empty story", ""
     sid = rec.get("id")
-    if sid is not None:
-        if sid in seen_ids:
+    if sid is not None:  # without an id the line number is the id: unique by construction
+        key = json.dumps(sid, sort_keys=True)  # ids may be any JSON value, lists and objects included
+        if key in seen_ids:
             return "duplicate id", str(sid)
-        seen_ids.add(sid)
+        seen_ids.add(key)
     return None
 
 
@@ -100,15 +104,15 @@ def iter_stories(jsonl: str, image_root: Optional[str] = None, check_images: boo
     skipped and counted in ``report``; images are checked when ``image_root`` is given and ``check_images``."""
     report = report if report is not None else ValidationReport()
     seen: set = set()
-    with open(jsonl, encoding="utf-8", errors="replace") as f:
+    with open(jsonl, "rb") as f:  # bytes, parsed as the training datasets parse them: invalid UTF-8 is bad JSON
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             report.total_lines += 1
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.add("bad json", n, str(e))
+            except (ValueError, RecursionError) as e:
+                report.add("bad json", n, str(e)[:200])
                 continue
             problem = _problem(rec, seen, n)
             if problem is None and image_root is not None and check_images:
@@ -155,13 +159,13 @@ def chunk_story(rec: dict, window: int = 10, stride: Optional[int] = None, min_f
     min_frames = window if min_frames is None else min_frames
     n = len(rec["images"])
     base = rec.get("id", f"line{line}" if line is not None else "story")
-    per_frame = [k for k, v in rec.items() if isinstance(v, list) and len(v) == n and not k.startswith("_")]
+    per_frame = [k for k, v in rec.items() if isinstance(v, list) and len(v) == n and k != "_line"]
     out = []
     for k, start in enumerate(range(0, n, stride)):
         end = min(n, start + window)
         if end - start < min_frames:
             break
-        piece = {key: v for key, v in rec.items() if key not in per_frame and not key.startswith("_")}
+        piece = {key: v for key, v in rec.items() if key not in per_frame and key != "_line"}
         piece.update({key: rec[key][start:end] for key in per_frame})
         piece["id"] = f"{base}_{k}"
         out.append(piece)
@@ -173,11 +177,15 @@ def chunk_story(rec: dict, window: int = 10, stride: Optional[int] = None, min_f
 def chunk(jsonl: str, out_jsonl: str, window: int = 10, stride: Optional[int] = None,
           min_frames: Optional[int] = None, image_root: Optional[str] = None, check_images: bool = False) -> dict:
     """Cut every valid story of ``jsonl`` into windows (``chunk_story``), written atomically to ``out_jsonl``.
-    Returns counts: stories, windows, frames dropped (tails), and the validation problems."""
+    Returns counts: stories, windows, frames dropped (in no window: short tails, gaps when stride > window),
+    and the validation problems."""
     if window < 1 or (stride is not None and stride < 1):
         raise ValueError("window and stride must be at least 1")
+    if not os.path.isfile(jsonl):  # before anything is created next to the output
+        raise FileNotFoundError(errno.ENOENT, "not found", jsonl)
     if os.path.abspath(jsonl) == os.path.abspath(out_jsonl):
         raise ValueError("the output must be another file than the input")
+    step = stride or window
     report = ValidationReport()
     counts = Counter()
 
@@ -186,8 +194,8 @@ def chunk(jsonl: str, out_jsonl: str, window: int = 10, stride: Optional[int] = 
             pieces = chunk_story(rec, window, stride, min_frames, rec["_line"])
             counts["stories"] += 1
             counts["windows"] += len(pieces)
-            covered = (len(pieces) - 1) * (stride or window) + len(pieces[-1]["images"]) if pieces else 0
-            counts["frames_dropped"] += len(rec["images"]) - covered  # the tail too short for a window
+            covered = set().union(*(range(k * step, k * step + len(p["images"])) for k, p in enumerate(pieces)))
+            counts["frames_dropped"] += len(rec["images"]) - len(covered)
             for p in pieces:
                 yield json.dumps(p, ensure_ascii=False)
 
