@@ -25,6 +25,7 @@ from seedstory.config import REPO_ROOT, resolve_path
 
 STAGES = [
     ("stage0", "training.stage0_vae"),
+    ("stage0v", "training.stage0_vit"),
     ("stage1", "training.stage1_detokenizer"),
     ("stage2", "training.stage2_agent"),
     ("stage3", "training.stage3_adapt"),

@@ -1,0 +1,78 @@
+"""Stage 0b (small models from scratch only): teach the visual tokenizer to see.
+
+The release borrows Qwen-VL's trained ViT; a small demo model has none. Learning it only through the
+de-tokenizer's denoising loss (stage 1 with ``train_visual_tokenizer``) lets it collapse: the UNet can
+lower its loss by drawing the average frame, and the features stop depending on the image. Here the ViT
+learns first, from a direct objective: a linear read-out of its features must redraw the frame at low
+resolution (``target_size``, default 32 px), so every feature carries what is where (characters by
+colour and shape, setting, props, layout). The read-out is thrown away; stage 1 then trains the
+de-tokenizer on the frozen features (``train_visual_tokenizer: false``), as the release did.
+
+    accelerate launch -m training.stage0_vit --config configs/train/<...>.yaml [--resume]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from seedstory.config import resolve_path
+from seedstory.data.datasets import ImageDataset, collate_images
+
+from .common import (
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
+    train_loop, unwrap_trained,
+)
+
+
+class ReadoutObjective(nn.Module):
+    """MSE between a linear read-out of the ViT features and the frame at ``target_size`` px."""
+
+    def __init__(self, vit: nn.Module, n_queries: int, dim: int, target_size: int):
+        super().__init__()
+        self.vit, self.target_size = vit, target_size
+        self.readout = nn.Linear(n_queries * dim, 3 * target_size * target_size)
+
+    def forward(self, pixel_values: torch.Tensor, images: torch.Tensor) -> dict:
+        features = self.vit(pixel_values)  # [B, n_queries, dim]
+        pred = self.readout(features.flatten(1).float()).view(-1, 3, self.target_size, self.target_size)
+        target = F.interpolate(images.float(), size=(self.target_size, self.target_size), mode="area")
+        loss = F.mse_loss(pred, target)
+        return {"loss": loss, "feature_spread": features.detach().float().std(dim=0).mean()}
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    t, d = cfg.train, cfg.data
+    pipe = load_pipeline(cfg)
+    vit = pipe.visual_tokenizer.train()
+    vit.requires_grad_(True)
+    with torch.no_grad():
+        probe = vit(pipe.image_processor(Image.new("RGB", (8, 8))).to(vit.dtype))  # [1, n_queries, dim]
+    model = ReadoutObjective(vit, probe.shape[1], probe.shape[2], int(t.get("target_size", 32)))
+    acc.print(f"visual tokenizer + read-out: {count_parameters(model)}")
+    resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
+    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
+                           seed=int(t.get("seed", 0)), rank=acc.process_index, world_size=acc.num_processes)
+    loader = DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
+                        collate_fn=collate_images)
+    optimizer, scheduler = make_optimizer(model.parameters(), t)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume(acc, out) if args.resume else 0
+
+    def losses(batch):
+        return model(batch["pixel_values"].to(acc.device), batch["sd_pixel_values"].to(acc.device))
+
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vit", start, losses)
+    pipe.visual_tokenizer = unwrap_trained(acc, model).vit.eval()
+    path = export(acc, pipe, out)
+    acc.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()
