@@ -157,3 +157,25 @@ def test_text_tokenizer_on_world_captions(world, tmp_path):
     prompt = PromptFormat(tok, 16)
     sample = prompt.training_sample(["Pim is on the left.", "Pim waves."], 0)
     assert int(sample.ids_gen_mask.sum()) == 16 and int(sample.embeds_cmp_mask.sum()) == 1
+
+
+def test_stage0_vit_learns_image_dependent_features(world, tmp_path):
+    """Stage 0b: the read-out loss falls and the exported visual tokenizer gives different features for
+    different frames (the collapse it exists to prevent would make them all alike)."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from seedstory.pipeline import SeedStoryPipeline
+
+    final = run_stage("stage0_vit", "tiny-stage0v.yaml", tmp_path, world, "train.max_steps=40")
+    steps, loss = losses(tmp_path, "loss")
+    assert steps == list(range(1, 41))
+    assert mean(loss[-6:]) < 0.8 * mean(loss[:6]), loss
+    pipe = SeedStoryPipeline.from_pretrained(final, device="cpu")
+    with open(world / "train.jsonl") as f:
+        rec = json.loads(f.readline())
+    frames = [Image.open(world / "images" / p).convert("RGB") for p in rec["images"][:4]]
+    features = torch.cat([pipe.encode_image(im) for im in frames])
+    assert features.std(dim=0).mean() > 0.05 * features.std()
