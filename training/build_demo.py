@@ -1,6 +1,6 @@
 """Rebuild the shipped demo model from scratch: synthetic data, text tokenizer, stages 0-3, export.
 
-    python -m training.build_demo                       # everything, on the CPU (about 1.5 h on 2 cores)
+    python -m training.build_demo                       # everything, on the CPU (77 min on 2 cores)
     python -m training.build_demo --launcher "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
 
 Every step is skipped when its output exists and resumed from its latest checkpoint when it was
