@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from typing import Optional
@@ -21,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import write_dir
 from .image_processing import ImageError, load_image
 from .story import Frame, StoryTree
 
@@ -79,26 +79,16 @@ def save_story(tree: StoryTree, path: str, model_name: str = "") -> str:
                 os.remove(tmp)
             raise
         return path
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".story-")
-    try:
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "story.json")) and os.listdir(path):
+        raise StoryFileError(f"{path} exists and is not a saved story; refusing to replace it")
+
+    def fill(tmp):
         for name, data in files.items():
             os.makedirs(os.path.join(tmp, os.path.dirname(name)), exist_ok=True)
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
-        if os.path.exists(path):
-            if not os.path.isfile(os.path.join(path, "story.json")) and os.listdir(path):
-                raise StoryFileError(f"{path} exists and is not a saved story; refusing to replace it")
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_dir(path, fill)
 
 
 def _read_files(path: str) -> dict[str, bytes]:

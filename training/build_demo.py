@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 
+from seedstory.atomic import write_dir
 from seedstory.config import REPO_ROOT, resolve_path
 
 STAGES = [
@@ -109,11 +109,7 @@ def publish(final: str, out: str) -> None:
 
     pipe = SeedStoryPipeline.from_pretrained(final, device="cpu", torch_dtype=torch.float32)
     pipe.to("cpu", torch.float16)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_dir(out, pipe.save_pretrained)
 
 
 if __name__ == "__main__":

@@ -1308,8 +1308,7 @@ def convert_release(release_root: str, out: str, preset="seed-story-george", ove
     (torch dtype or fp32/bf16/fp16; default fp32, lossless) is the dtype written (the VAE stays fp32).
     A non-empty ``out`` is refused unless ``overwrite``; the folder is written beside ``out`` first and
     renamed into place, so a failed conversion leaves nothing half-written. Returns ``out``."""
-    import shutil
-    import tempfile
+    from ..atomic import write_dir
 
     from ..config import DTYPES, PresetError, load_preset
 
@@ -1329,23 +1328,7 @@ def convert_release(release_root: str, out: str, preset="seed-story-george", ove
                       "llm_quantization": "none"}
     pipe = load_release_pipeline(cfg, device=torch.device("cpu"), dtype=dtype)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
-        pipe.save_pretrained(tmp)
-        if os.path.isdir(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir(out, pipe.save_pretrained)
 
 
 __all__ = [
