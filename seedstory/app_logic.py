@@ -38,6 +38,7 @@ class UISettings:
     mode: str = "window"  # window | sink | recompute
     window: Optional[int] = None
     seed: Optional[int] = None
+    repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -51,6 +52,7 @@ class UISettings:
             guidance_scale=float(self.guidance) if self.guidance else None,
             scheduler=self.scheduler or None, window=int(self.window) if self.window else None,
             seed=int(self.seed) if self.seed not in (None, "") else None,
+            repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
         )
 
 

@@ -94,6 +94,9 @@ class GenerationSettings:
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
+    # HF-style (CTRL) penalty on the tokens of the previous frame's text and of the text so far; 1 = off.
+    # Small story models otherwise tend to copy the previous caption word for word.
+    repetition_penalty: float = 1.0
     max_frames: int = 50
 
     @classmethod
@@ -120,6 +123,7 @@ class GenerationSettings:
             (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
             (self.temperature > 0, "temperature must be positive"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (1 <= self.repetition_penalty <= 10, "repetition_penalty must be between 1 (off) and 10"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),
             (self.width is None or (self.width >= 8 and self.width % 8 == 0), "width must be a multiple of 8"),

@@ -276,18 +276,21 @@ class StoryEngine:
         text: Optional[str] = None,
         progress: Optional[Progress] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        previous: Optional[Frame] = None,
     ) -> tuple[str, list[int], torch.Tensor]:
         """Write (or take) a frame's text and compute its picture's features. Returns
-        (display text, the frame's ids, features [1, n, D] on CPU)."""
+        (display text, the frame's ids, features [1, n, D] on CPU). ``previous`` (the parent frame) is
+        what the repetition penalty looks at."""
         agent, prompt = self.pipe.agent, self.prompt
         if text is None:
             generator = torch.Generator().manual_seed(seed)
             cfg = DecodingConfig(settings.do_sample, settings.temperature, settings.top_p, settings.max_new_tokens,
-                                 settings.min_new_tokens)
+                                 settings.min_new_tokens, settings.repetition_penalty)
             if progress:
                 progress("writing text", 0.0)
             result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
-                                       should_stop=should_stop, start_pos=state.next_pos)
+                                       should_stop=should_stop, start_pos=state.next_pos,
+                                       recent=self._penalized(previous, settings))
             text_ids, kv = result.ids, result.kv
             text = self.display_text(text_ids)
         else:
@@ -295,6 +298,12 @@ class StoryEngine:
             _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.kv, start_pos=state.next_pos)
         features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
         return text, text_ids + prompt.image_ids.block, features.float().cpu()
+
+    def _penalized(self, previous: Optional[Frame], settings: GenerationSettings) -> list[int]:
+        """The previous frame's caption ids (not the prompt's own markers, which every frame repeats)."""
+        if previous is None or settings.repetition_penalty == 1.0 or not previous.text.strip():
+            return []
+        return self.prompt.text_ids_after_image(previous.text)
 
     def _paint(self, features, seed, settings, progress=None) -> Image.Image:
         if progress:
@@ -339,7 +348,8 @@ class StoryEngine:
         seed = settings.seed if seed is None else seed
         with self.lock:
             state = self.state_after(tree, parent.id)
-            text, ids, features = self._write(state, settings, seed, progress=progress, should_stop=should_stop)
+            text, ids, features = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
+                                              previous=parent)
             image = self._paint(features, seed, settings, progress)
             frame = self._add(tree, parent.id, text, image, features, ids, seed, settings, origin)
             self._remember(tree, state, frame)
@@ -384,7 +394,7 @@ class StoryEngine:
                 return frame
             sample = settings if settings.do_sample else settings.replace(do_sample=True)
             state = self.state_after(tree, old.parent)
-            text, ids, features = self._write(state, sample, seed, progress=progress)
+            text, ids, features = self._write(state, sample, seed, progress=progress, previous=tree.get(old.parent))
             paint_seed = old.seed if part == "text" and old.seed is not None else seed
             image = self._paint(features, paint_seed, settings, progress)
             frame = self._add(tree, old.parent, text, image, features, ids, paint_seed, sample, "regenerated")

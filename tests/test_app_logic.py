@@ -488,3 +488,10 @@ def test_text_decoding_defaults_to_the_presets_own():
     assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 1.3, 0.5)
     with pytest.raises(ValueError, match="unknown text decoding"):
         logic.UISettings(decoding="beam").generation(base)
+    # the repetition penalty: 0/None keeps the preset's, 1 turns it off, a value below 1 is refused clearly
+    base = base.replace(repetition_penalty=1.3)
+    assert logic.UISettings().generation(base).repetition_penalty == 1.3
+    assert logic.UISettings(repetition_penalty=0).generation(base).repetition_penalty == 1.3
+    assert logic.UISettings(repetition_penalty=1.0).generation(base).repetition_penalty == 1.0
+    with pytest.raises(Exception, match="repetition_penalty must be between 1"):
+        logic.UISettings(repetition_penalty=0.5).generation(base)

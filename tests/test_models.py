@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -148,3 +149,49 @@ def test_decode_text_never_emits_image_slots_and_sampling_is_seeded():
     b = agent.decode_text(logits, kv, pf.image_ids, 2, cfg, torch.Generator().manual_seed(1)).ids
     c = agent.decode_text(logits, kv, pf.image_ids, 2, cfg, torch.Generator().manual_seed(2)).ids
     assert a == b and a != c
+
+
+def test_repetition_penalty_pushes_down_recent_and_written_tokens():
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    _, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    eos = tok.eos_token_id
+    a, b = 40, 41
+    logits = torch.full((agent.llm.config.vocab_size,), -3.0)
+    logits[a], logits[b] = 5.0, 4.0
+
+    def first(penalty, recent=()):
+        cfg = DecodingConfig(max_new_tokens=1, repetition_penalty=penalty)
+        return agent.decode_text(logits, kv, pf.image_ids, eos, cfg, recent=recent).ids[0]
+
+    assert first(1.0, [a]) == a          # off
+    assert first(1.1, [a]) == a          # 5 / 1.1 still beats 4
+    assert first(2.0, [a]) == b          # 5 / 2 does not
+    assert first(2.0, [b]) == a          # only what was recent is penalized
+    logits[:] = -3.0
+    logits[a] = -1.0                     # negative logits are multiplied, so they fall too
+    assert first(1.0, [a]) == a and first(4.0, [a]) != a
+    # without ``recent`` the text written so far is penalized: greedy never repeats a token at penalty 10
+    cfg = DecodingConfig(max_new_tokens=12, min_new_tokens=12, repetition_penalty=10.0)
+    logits[:] = 0.0
+    written = agent.decode_text(logits + torch.randn_like(logits), kv, pf.image_ids, eos, cfg).ids
+    assert len(written) == 12
+    assert len(set(written)) > 6, written
+
+
+def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipeline, opening_image):
+    from seedstory.engine import StoryEngine
+
+    engine = StoryEngine(tiny_pipeline, mode="window", window=4)
+    tree = engine.start(opening_image, "Pim is on the left.")
+    opening = tree.get(tree.current)
+    off = tiny_pipeline.settings.replace(repetition_penalty=1.0, do_sample=False, num_inference_steps=1)
+    assert engine._penalized(opening, off) == []
+    on = off.replace(repetition_penalty=1.3)
+    assert engine._penalized(opening, on) == engine.prompt.text_ids_after_image("Pim is on the left.")
+    a = engine.step(tree, opening.id, settings=off, seed=3)
+    b = engine.step(tree, opening.id, settings=tiny_pipeline.settings.replace(do_sample=False, num_inference_steps=1),
+                    seed=3)
+    assert a.text == b.text  # the default (1.0) is off
+    with pytest.raises(Exception, match="repetition_penalty"):
+        off.replace(repetition_penalty=0.5)

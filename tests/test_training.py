@@ -52,8 +52,17 @@ def stage2_run(world, tmp_path_factory):
     return run, final
 
 
-def test_stage1_loss_falls_and_exports(world, tmp_path):
-    final = run_stage("stage1_detokenizer", "tiny-stage1.yaml", tmp_path, world, "train.max_steps=40")
+@pytest.fixture(scope="module")
+def stage1_run(world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stage1")
+    # with condition dropout (the share of samples trained on the zero-image negative, for guidance)
+    final = run_stage("stage1_detokenizer", "tiny-stage1.yaml", run, world, "train.max_steps=40",
+                      "train.condition_dropout=0.2")
+    return run, final
+
+
+def test_stage1_loss_falls_and_exports(stage1_run):
+    tmp_path, final = stage1_run
     steps, loss = losses(tmp_path, "loss")
     assert steps == list(range(1, 41))
     assert mean(loss[-8:]) < 0.8 * mean(loss[:8]), loss
@@ -86,13 +95,28 @@ def test_stage2_resume_continues_the_same_curve(world, stage2_run, tmp_path):
     assert resumed == pytest.approx(reference, rel=1e-3, abs=1e-4)
 
 
+def test_drop_condition_swaps_whole_samples_for_the_negative():
+    import torch
+
+    from training.detok_training import drop_condition
+
+    features, negative = torch.randn(64, 4, 8), torch.randn(1, 4, 8)
+    assert torch.equal(drop_condition(features, negative, 0.0), features)
+    assert torch.equal(drop_condition(features, negative, 1.0), negative.expand(64, 4, 8))
+    torch.manual_seed(0)
+    mixed = drop_condition(features, negative, 0.5)
+    dropped = [bool(torch.equal(m, negative[0])) for m in mixed]
+    kept = [bool(torch.equal(m, f)) for m, f in zip(mixed, features)]
+    assert all(d != k for d, k in zip(dropped, kept)) and 10 < sum(dropped) < 54
+
+
 def test_stage3_adapts_on_the_stage2_model_and_the_engine_tells_a_story(world, stage2_run, tmp_path, opening_image):
     from seedstory.engine import StoryEngine
     from seedstory.pipeline import SeedStoryPipeline
 
     _, stage2_final = stage2_run
     final = run_stage("stage3_adapt", "tiny-stage3.yaml", tmp_path, world, "train.max_steps=30",
-                      f"model.pretrained={stage2_final}")
+                      f"model.pretrained={stage2_final}", "train.condition_dropout=0.1")
     steps, loss = losses(tmp_path, "loss")
     assert steps == list(range(1, 31))
     assert mean(loss[-8:]) < mean(loss[:8]), loss
@@ -101,6 +125,25 @@ def test_stage3_adapts_on_the_stage2_model_and_the_engine_tells_a_story(world, s
     tree = engine.start(opening_image, "Pim is on the left.")
     frame = engine.step(tree)
     assert frame.image is not None and frame.image.size[0] > 0 and isinstance(frame.text, str)
+
+
+def test_stage3_joins_stage2_agent_with_stage1_detokenizer(world, stage1_run, stage2_run, tmp_path):
+    """As the demo build does (stage 2 does not wait for stage 1): ``model.detokenizer_from``."""
+    import torch
+
+    from seedstory.pipeline import SeedStoryPipeline
+
+    (_, stage1_final), (_, stage2_final) = stage1_run, stage2_run
+    final = run_stage("stage3_adapt", "tiny-stage3.yaml", tmp_path, world, "train.max_steps=3",
+                      f"model.pretrained={stage2_final}", f"model.detokenizer_from={stage1_final}",
+                      "train.unet_params=attn_kv")
+    got = SeedStoryPipeline.from_pretrained(final, device="cpu")
+    one = SeedStoryPipeline.from_pretrained(stage1_final, device="cpu")
+    two = SeedStoryPipeline.from_pretrained(stage2_final, device="cpu")
+    # only attention k/v were trained here: the rest of the UNet is stage 1's, the agent stage 2's
+    assert torch.equal(got.detokenizer.unet.conv_in.weight, one.detokenizer.unet.conv_in.weight)
+    assert not torch.equal(got.detokenizer.unet.conv_in.weight, two.detokenizer.unet.conv_in.weight)
+    assert all(torch.equal(a, b) for a, b in zip(got.agent.state_dict().values(), two.agent.state_dict().values()))
 
 
 def test_sigkill_then_resume(world, tmp_path):

@@ -23,12 +23,15 @@ import time
 from seedstory.atomic import write_dir
 from seedstory.config import REPO_ROOT, resolve_path
 
+# (stage, module, the stage whose export it starts from, the stage whose de-tokenizer it takes).
+# Stage 2 trains the agent on the stage-0b visual tokenizer's features and never touches the de-tokenizer,
+# so it does not wait for stage 1; stage 3 joins stage 2's agent with stage 1's de-tokenizer.
 STAGES = [
-    ("stage0", "training.stage0_vae"),
-    ("stage0v", "training.stage0_vit"),
-    ("stage1", "training.stage1_detokenizer"),
-    ("stage2", "training.stage2_agent"),
-    ("stage3", "training.stage3_adapt"),
+    ("stage0", "training.stage0_vae", None, None),
+    ("stage0v", "training.stage0_vit", "stage0", None),
+    ("stage1", "training.stage1_detokenizer", "stage0v", None),
+    ("stage2", "training.stage2_agent", "stage0v", None),
+    ("stage3", "training.stage3_adapt", "stage2", "stage1"),
 ]
 CONFIG_DIR = "configs/train/demo"
 
@@ -70,30 +73,31 @@ def main(argv=None) -> str:
              "--vocab-size", "512", "--num-img-tokens", "16", "--out", tokenizer])
         timings["tokenizer"] = time.time() - start
 
-    previous = None
-    for name, module in STAGES:
+    def final(stage: str) -> str:
+        return os.path.join(work, stage, "final")
+
+    for name, module, base, detok in STAGES:
         out_dir = os.path.join(work, name)
-        final = os.path.join(out_dir, "final")
-        if os.path.isfile(os.path.join(final, "seedstory.json")):
-            log(f"{name}: done ({final})")
-            previous = final
+        if os.path.isfile(os.path.join(final(name), "seedstory.json")):
+            log(f"{name}: done ({final(name)})")
             continue
         overrides = [f"output_dir={out_dir}", f"data.train_jsonl={os.path.join(data, 'train.jsonl')}",
                      f"data.image_root={os.path.join(data, 'images')}"]
-        if name == "stage0":
+        if base is None:
             overrides.append(f"model.overrides=[tokenizer.path={tokenizer}]")
         else:
-            overrides.append(f"model.pretrained={previous}")
+            overrides.append(f"model.pretrained={final(base)}")
+        if detok is not None:
+            overrides.append(f"model.detokenizer_from={final(detok)}")
         overrides += [o.split(".", 1)[1] for o in args.set if o.startswith(name + ".")]
         resume = ["--resume"] if os.path.isdir(os.path.join(out_dir, "checkpoints")) else []
         start = time.time()
         run(shlex.split(args.launcher) + [module, "--config", os.path.join(CONFIG_DIR, f"{name}.yaml"), *resume,
                                           *overrides])
         timings[name] = time.time() - start
-        previous = final
 
     out = resolve_path(args.out)
-    publish(previous, out)
+    publish(final(STAGES[-1][0]), out)
     timings["total"] = time.time() - t0
     with open(os.path.join(work, "build_timings.json"), "w") as f:
         json.dump(timings, f, indent=1)

@@ -187,10 +187,16 @@ def make_optimizer(params, t: DictConfig):
 def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
     stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in fp32 —
-    accelerate moves and casts what it trains."""
+    accelerate moves and casts what it trains. ``model.detokenizer_from`` (another saved folder) takes the
+    de-tokenizer from there: stage 3 joins stage 1's de-tokenizer and stage 2's agent."""
     m = cfg.model
     if m.get("pretrained"):
-        return SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
+        pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
+        if m.get("detokenizer_from"):
+            other = SeedStoryPipeline.from_pretrained(resolve_path(m.detokenizer_from), device="cpu",
+                                                      torch_dtype=torch.float32)
+            pipe.detokenizer = other.detokenizer
+        return pipe
     overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
     return SeedStoryPipeline.from_preset(m.preset, overrides)
 

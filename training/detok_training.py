@@ -45,6 +45,16 @@ class DenoisingObjective(nn.Module):
         return F.mse_loss(pred.float(), noise.float())
 
 
+def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace each sample's features by ``negative`` (the zero-image features that inference uses as
+    the classifier-free-guidance negative) with probability ``p``, so guidance > 1 has a trained
+    unconditional branch to push away from. Draws from the global torch RNG (checkpointed by accelerate)."""
+    if p <= 0:
+        return features
+    drop = torch.rand(features.shape[0], device=features.device) < p  # [B]
+    return torch.where(drop[:, None, None], negative.to(features.dtype).expand_as(features), features)
+
+
 @torch.no_grad()
 def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator=None):
     """VAE-encode images in [-1, 1], add DDPM noise at uniformly drawn timesteps."""

@@ -3,7 +3,9 @@
 Trains the XL resampler and the UNet's attention k/v as the release did (``train.unet_params:
 attn_kv``) or the whole UNet (``full``, small models). With ``train.train_visual_tokenizer: true`` the
 visual tokenizer learns jointly from the same loss: how a small model trained from scratch gets
-features that let the de-tokenizer redraw characters, setting and layout.
+features that let the de-tokenizer redraw characters, setting and layout. ``train.condition_dropout``
+(default 0) trains the unconditional branch that classifier-free guidance needs: that share of samples is
+conditioned on the zero-image features, inference's negative.
 
     accelerate launch -m training.stage1_detokenizer --config configs/train/<...>.yaml [--resume]
 """
@@ -20,7 +22,7 @@ from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
     train_loop, unwrap_trained,
 )
-from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
+from .detok_training import DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable
 
 
 def main(argv=None) -> str:
@@ -48,14 +50,20 @@ def main(argv=None) -> str:
     optimizer, scheduler = make_optimizer(model.parameters(), t)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     start = resume(acc, out) if args.resume else 0
+    dropout = float(t.get("condition_dropout", 0.0))
 
     def losses(batch):
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
         pixels, time_ids = batch["pixel_values"].to(acc.device), batch["time_ids"].to(acc.device)
         if joint:
+            # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
+            keep = (torch.rand(pixels.shape[0], device=pixels.device) >= dropout).to(pixels.dtype)
+            pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
             return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
             features = vit(pixels)
+            if dropout > 0:
+                features = drop_condition(features, vit.unconditional_features(), dropout)
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)

@@ -16,7 +16,7 @@ from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
     train_loop, unwrap_trained,
 )
-from .detok_training import DenoisingObjective, noisy_latents, set_detokenizer_trainable
+from .detok_training import DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable
 from .stage2_agent import BATCH_KEYS, build_data
 
 
@@ -40,11 +40,15 @@ def main(argv=None) -> str:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     start = resume(acc, out) if args.resume else 0
 
+    dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
+
     def losses(batch):
         with torch.no_grad():
             image_embeds = vit(batch["pixel_values"].to(acc.device))
             regressed = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds,
                               return_recon_image_embeds=True)["recon_image_embeds"]
+            if dropout > 0:
+                regressed = drop_condition(regressed, vit.unconditional_features(), dropout)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
         return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
 

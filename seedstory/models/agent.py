@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ class DecodingConfig:
     max_new_tokens: int = 120
     # The release ends a story when EOS comes instead of a new frame; we never let a frame start with it.
     min_new_tokens: int = 1
+    repetition_penalty: float = 1.0  # on ``decode_text``'s ``recent`` ids and the ids written so far
 
 
 @dataclass
@@ -197,15 +198,24 @@ class SeedStoryAgent(nn.Module):
         generator: Optional[torch.Generator] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         start_pos: Optional[int] = None,
+        recent: Sequence[int] = (),
     ) -> TextResult:
         """Decode text from ``logits`` until the model opens an image (``<img>``), emits EOS, or hits
         ``max_new_tokens``. The image-block tokens other than ``<img>`` are never chosen here; the
-        chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once)."""
+        chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once). With
+        ``cfg.repetition_penalty`` > 1, the ids in ``recent`` (the previous frame's text) and those written
+        so far are penalized as in CTRL / transformers: positive logits divided, negative ones multiplied."""
         banned = torch.tensor(sorted(image_ids.all - {image_ids.boi}), device=logits.device)
         pos = kv_length(kv) if start_pos is None else start_pos
         ids: list[int] = []
+        seen = set(int(i) for i in recent) - image_ids.all
         while True:
             step_logits = logits.clone()
+            if cfg.repetition_penalty != 1.0 and seen:
+                idx = torch.tensor(sorted(seen), device=logits.device)
+                picked = step_logits[idx]
+                step_logits[idx] = torch.where(picked > 0, picked / cfg.repetition_penalty,
+                                               picked * cfg.repetition_penalty)
             step_logits[banned] = float("-inf")
             if len(ids) < cfg.min_new_tokens:
                 step_logits[eos_id] = float("-inf")
@@ -216,6 +226,7 @@ class SeedStoryAgent(nn.Module):
             if token == eos_id:
                 return TextResult(ids, "eos", kv, logits)
             ids.append(token)
+            seen.add(token)
             logits, _, kv = self.prefill(torch.tensor([token]), kv=kv, start_pos=pos)
             pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
