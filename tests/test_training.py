@@ -55,9 +55,10 @@ def stage2_run(world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_run(world, tmp_path_factory):
     run = tmp_path_factory.mktemp("stage1")
-    # with condition dropout (the share of samples trained on the zero-image negative, for guidance)
+    # with condition dropout (the share of samples trained on the zero-image negative, for guidance) and
+    # Min-SNR loss weights
     final = run_stage("stage1_detokenizer", "tiny-stage1.yaml", run, world, "train.max_steps=40",
-                      "train.condition_dropout=0.2")
+                      "train.condition_dropout=0.2", "train.snr_gamma=5")
     return run, final
 
 
@@ -110,13 +111,39 @@ def test_drop_condition_swaps_whole_samples_for_the_negative():
     assert all(d != k for d, k in zip(dropped, kept)) and 10 < sum(dropped) < 54
 
 
+def test_min_snr_weights_cap_the_clean_timesteps_only():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from training.detok_training import DenoisingObjective, min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    t = torch.tensor([0, 50, 150, 400, 999])
+    assert min_snr_weights(scheduler, t, 0.0) is None
+    w = min_snr_weights(scheduler, t, 5.0)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    assert torch.allclose(w[snr > 5], 5.0 / snr[snr > 5]) and torch.all(w[snr <= 5] == 1.0)
+    assert w[0] < 0.01 and torch.all(w[1:] >= w[:-1])  # noisier timesteps never weigh less
+
+    class Echo(torch.nn.Module):  # a de-tokenizer predicting zeros: per-sample loss = mean(noise ** 2)
+        def forward(self, x, t, features, time_ids):
+            return torch.zeros_like(x)
+
+    noise = torch.stack([torch.full((2, 2, 2), 1.0), torch.full((2, 2, 2), 3.0)])  # per-sample MSE 1 and 9
+    objective = DenoisingObjective(Echo())
+    args = (torch.zeros_like(noise), torch.tensor([0, 0]), noise, None)
+    assert objective(*args, features=torch.zeros(2, 1, 1)).item() == 5.0
+    assert objective(*args, features=torch.zeros(2, 1, 1), weights=torch.tensor([1.0, 0.0])).item() == 0.5
+
+
 def test_stage3_adapts_on_the_stage2_model_and_the_engine_tells_a_story(world, stage2_run, tmp_path, opening_image):
     from seedstory.engine import StoryEngine
     from seedstory.pipeline import SeedStoryPipeline
 
     _, stage2_final = stage2_run
     final = run_stage("stage3_adapt", "tiny-stage3.yaml", tmp_path, world, "train.max_steps=30",
-                      f"model.pretrained={stage2_final}", "train.condition_dropout=0.1")
+                      f"model.pretrained={stage2_final}", "train.condition_dropout=0.1", "train.snr_gamma=5")
     steps, loss = losses(tmp_path, "loss")
     assert steps == list(range(1, 31))
     assert mean(loss[-8:]) < mean(loss[:8]), loss

@@ -38,11 +38,25 @@ class DenoisingObjective(nn.Module):
         self.detokenizer = detokenizer
         self.visual_tokenizer = visual_tokenizer
 
-    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None):
+    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None, weights=None):
         if features is None:
             features = self.visual_tokenizer(pixel_values)
         pred = self.detokenizer(noisy_latents, timesteps, features, time_ids)
-        return F.mse_loss(pred.float(), noise.float())
+        if weights is None:
+            return F.mse_loss(pred.float(), noise.float())
+        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+        return (per_sample * weights).mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> Optional[torch.Tensor]:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023; diffusers' ``--snr_gamma``):
+    min(SNR(t), gamma) / SNR(t). Nearly clean timesteps, where the picture needs no condition to be
+    denoised, stop dominating the gradient, so the condition pathway learns sooner. None when gamma <= 0."""
+    if gamma <= 0:
+        return None
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()  # [B]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float) -> torch.Tensor:

@@ -5,7 +5,8 @@ attn_kv``) or the whole UNet (``full``, small models). With ``train.train_visual
 visual tokenizer learns jointly from the same loss: how a small model trained from scratch gets
 features that let the de-tokenizer redraw characters, setting and layout. ``train.condition_dropout``
 (default 0) trains the unconditional branch that classifier-free guidance needs: that share of samples is
-conditioned on the zero-image features, inference's negative.
+conditioned on the zero-image features, inference's negative. ``train.snr_gamma`` (default 0: plain MSE)
+weights the loss by Min-SNR-gamma, which makes the de-tokenizer learn to follow its condition sooner.
 
     accelerate launch -m training.stage1_detokenizer --config configs/train/<...>.yaml [--resume]
 """
@@ -22,7 +23,9 @@ from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
     train_loop, unwrap_trained,
 )
-from .detok_training import DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable
+from .detok_training import (
+    DenoisingObjective, drop_condition, min_snr_weights, noisy_latents, set_detokenizer_trainable,
+)
 
 
 def main(argv=None) -> str:
@@ -51,20 +54,22 @@ def main(argv=None) -> str:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))
+    snr_gamma = float(t.get("snr_gamma", 0.0))
 
     def losses(batch):
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
+        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
         pixels, time_ids = batch["pixel_values"].to(acc.device), batch["time_ids"].to(acc.device)
         if joint:
             # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
             keep = (torch.rand(pixels.shape[0], device=pixels.device) >= dropout).to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
-            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
+            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels, weights=weights)}
         with torch.no_grad():
             features = vit(pixels)
             if dropout > 0:
                 features = drop_condition(features, vit.unconditional_features(), dropout)
-        return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
+        return {"loss": model(latents, timesteps, noise, time_ids, features=features, weights=weights)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)
     trained = unwrap_trained(acc, model)

@@ -16,7 +16,9 @@ from .common import (
     count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
     train_loop, unwrap_trained,
 )
-from .detok_training import DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable
+from .detok_training import (
+    DenoisingObjective, drop_condition, min_snr_weights, noisy_latents, set_detokenizer_trainable,
+)
 from .stage2_agent import BATCH_KEYS, build_data
 
 
@@ -41,6 +43,7 @@ def main(argv=None) -> str:
     start = resume(acc, out) if args.resume else 0
 
     dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
+    snr_gamma = float(t.get("snr_gamma", 0.0))  # as in stage 1
 
     def losses(batch):
         with torch.no_grad():
@@ -50,7 +53,9 @@ def main(argv=None) -> str:
             if dropout > 0:
                 regressed = drop_condition(regressed, vit.unconditional_features(), dropout)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
-        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
+        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed,
+                              weights=weights)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses)
     pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
