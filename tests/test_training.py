@@ -131,10 +131,25 @@ def test_min_snr_weights_cap_the_clean_timesteps_only():
             return torch.zeros_like(x)
 
     noise = torch.stack([torch.full((2, 2, 2), 1.0), torch.full((2, 2, 2), 3.0)])  # per-sample MSE 1 and 9
-    objective = DenoisingObjective(Echo())
-    args = (torch.zeros_like(noise), torch.tensor([0, 0]), noise, None)
-    assert objective(*args, features=torch.zeros(2, 1, 1)).item() == 5.0
-    assert objective(*args, features=torch.zeros(2, 1, 1), weights=torch.tensor([1.0, 0.0])).item() == 0.5
+    args = (torch.zeros_like(noise), torch.tensor([0, 999]), noise, None)
+    assert DenoisingObjective(Echo()).forward(*args, features=torch.zeros(2, 1, 1)).item() == 5.0
+    weighted = DenoisingObjective(Echo(), None, scheduler, 5.0).forward(*args, features=torch.zeros(2, 1, 1))
+    w0 = min_snr_weights(scheduler, torch.tensor([0]), 5.0).item()
+    assert weighted.item() == pytest.approx((1.0 * w0 + 9.0 * 1.0) / 2)
+    with pytest.raises(ValueError, match="noise scheduler"):
+        DenoisingObjective(Echo(), snr_gamma=5.0)
+
+
+def test_stage1_weights_its_loss_by_snr_gamma(world, tmp_path):
+    """The first step sees the same batch, noise and timesteps; only the weights differ. A tiny gamma
+    weighs nearly every timestep below 1 (gamma 5 would leave a small batch's noisy timesteps at 1)."""
+    first = []
+    for gamma in ("0", "0.001"):
+        run_stage("stage1_detokenizer", "tiny-stage1.yaml", tmp_path / gamma, world, "train.max_steps=1",
+                  f"train.snr_gamma={gamma}")
+        first.append(losses(tmp_path / gamma, "loss")[1][0])
+    plain, weighted = first
+    assert weighted < 0.5 * plain
 
 
 def test_stage3_adapts_on_the_stage2_model_and_the_engine_tells_a_story(world, stage2_run, tmp_path, opening_image):

@@ -31,17 +31,23 @@ class DenoisingObjective(nn.Module):
     """Everything trained in stage 1/3 behind one forward, so accelerate prepares a single model.
 
     ``visual_tokenizer`` is given only when it is trained jointly (small models from scratch); otherwise
-    features are computed outside under no_grad."""
+    features are computed outside under no_grad. ``snr_gamma`` > 0 (``train.snr_gamma``) weights each
+    sample by Min-SNR-gamma under ``noise_scheduler``; 0 is plain MSE."""
 
-    def __init__(self, detokenizer: Detokenizer, visual_tokenizer: Optional[QwenVisionTransformer] = None):
+    def __init__(self, detokenizer: Detokenizer, visual_tokenizer: Optional[QwenVisionTransformer] = None,
+                 noise_scheduler=None, snr_gamma: float = 0.0):
         super().__init__()
+        if snr_gamma > 0 and noise_scheduler is None:
+            raise ValueError("snr_gamma needs the noise scheduler")
         self.detokenizer = detokenizer
         self.visual_tokenizer = visual_tokenizer
+        self.noise_scheduler, self.snr_gamma = noise_scheduler, float(snr_gamma)
 
-    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None, weights=None):
+    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None):
         if features is None:
             features = self.visual_tokenizer(pixel_values)
         pred = self.detokenizer(noisy_latents, timesteps, features, time_ids)
+        weights = min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
         if weights is None:
             return F.mse_loss(pred.float(), noise.float())
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]

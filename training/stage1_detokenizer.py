@@ -24,7 +24,7 @@ from .common import (
     train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, min_snr_weights, noisy_latents, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable,
 )
 
 
@@ -38,11 +38,11 @@ def main(argv=None) -> str:
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
     joint = bool(t.get("train_visual_tokenizer", False))
     vit.requires_grad_(joint)
-    model = DenoisingObjective(detok, vit if joint else None)
+    noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
+    model = DenoisingObjective(detok, vit if joint else None, noise_scheduler, float(t.get("snr_gamma", 0.0)))
     if not joint:
         vit.eval().to(acc.device)
     vae = detok.vae.eval().to(acc.device)
-    noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
     dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
@@ -54,22 +54,20 @@ def main(argv=None) -> str:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))
-    snr_gamma = float(t.get("snr_gamma", 0.0))
 
     def losses(batch):
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
-        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
         pixels, time_ids = batch["pixel_values"].to(acc.device), batch["time_ids"].to(acc.device)
         if joint:
             # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
             keep = (torch.rand(pixels.shape[0], device=pixels.device) >= dropout).to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
-            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels, weights=weights)}
+            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
             features = vit(pixels)
             if dropout > 0:
                 features = drop_condition(features, vit.unconditional_features(), dropout)
-        return {"loss": model(latents, timesteps, noise, time_ids, features=features, weights=weights)}
+        return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)
     trained = unwrap_trained(acc, model)

@@ -17,7 +17,7 @@ from .common import (
     train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, min_snr_weights, noisy_latents, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable,
 )
 from .stage2_agent import BATCH_KEYS, build_data
 
@@ -32,9 +32,9 @@ def main(argv=None) -> str:
     for frozen in (vit, agent):
         frozen.requires_grad_(False).eval().to(acc.device)
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
-    model = DenoisingObjective(detok)
-    vae = detok.vae.eval().to(acc.device)
     noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
+    model = DenoisingObjective(detok, None, noise_scheduler, float(t.get("snr_gamma", 0.0)))  # as in stage 1
+    vae = detok.vae.eval().to(acc.device)
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
     loader = build_data(cfg, pipe, acc, target_image_resolution=resolution)
@@ -43,7 +43,6 @@ def main(argv=None) -> str:
     start = resume(acc, out) if args.resume else 0
 
     dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
-    snr_gamma = float(t.get("snr_gamma", 0.0))  # as in stage 1
 
     def losses(batch):
         with torch.no_grad():
@@ -53,9 +52,7 @@ def main(argv=None) -> str:
             if dropout > 0:
                 regressed = drop_condition(regressed, vit.unconditional_features(), dropout)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
-        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
-        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed,
-                              weights=weights)}
+        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses)
     pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
