@@ -55,10 +55,11 @@ def stage2_run(world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_run(world, tmp_path_factory):
     run = tmp_path_factory.mktemp("stage1")
-    # with condition dropout (the share of samples trained on the zero-image negative, for guidance) and
-    # Min-SNR loss weights
+    # with condition dropout (the share of samples trained on the zero-image negative, for guidance),
+    # Min-SNR loss weights, two noise draws per encoded image and a weight average: the demo's recipe
     final = run_stage("stage1_detokenizer", "tiny-stage1.yaml", run, world, "train.max_steps=40",
-                      "train.condition_dropout=0.2", "train.snr_gamma=5")
+                      "train.condition_dropout=0.2", "train.snr_gamma=5", "train.noise_draws=2",
+                      "train.ema_decay=0.99")
     return run, final
 
 
@@ -152,13 +153,54 @@ def test_stage1_weights_its_loss_by_snr_gamma(world, tmp_path):
     assert weighted < 0.5 * plain
 
 
+def test_noise_draws_reuse_each_encoding_with_fresh_noise_and_timesteps(tiny_pipeline):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from training.detok_training import noisy_latents, repeat_draws
+
+    vae = tiny_pipeline.detokenizer.vae
+    sched = DDPMScheduler.from_config(tiny_pipeline.detokenizer.scheduler.config)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(0)
+    noisy, t, noise = noisy_latents(vae, sched, images, draws=2)
+    assert noisy.shape[0] == t.shape[0] == noise.shape[0] == 6
+    # undo the noising: both draws of an image hold the same clean latent, under different noise
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    clean = (noisy - (1 - a).sqrt() * noise) / a.sqrt()
+    assert torch.allclose(clean[:3], clean[3:], atol=1e-3)
+    assert not torch.allclose(noise[:3], noise[3:])
+    # the conditions are repeated in the same order
+    cond = torch.arange(3)[:, None].float()
+    assert repeat_draws(cond, 2).flatten().tolist() == [0, 1, 2, 0, 1, 2]
+    assert repeat_draws(cond, 1) is cond
+
+
+def test_stage1_exports_the_weight_average(world, tmp_path):
+    """``train.ema_decay`` > 0: the exported de-tokenizer is the average, not the last step's weights
+    (which the checkpoint holds); without it the two are the same."""
+    import torch
+    from safetensors.torch import load_file
+
+    from seedstory.pipeline import SeedStoryPipeline
+
+    for decay in ("0", "0.99"):
+        run = tmp_path / decay
+        final = run_stage("stage1_detokenizer", "tiny-stage1.yaml", run, world, "train.max_steps=3",
+                          "train.checkpoint_every=3", f"train.ema_decay={decay}")
+        raw = load_file(str(run / "checkpoints" / "checkpoint_3" / "model.safetensors"))["detokenizer.unet.conv_in.weight"]
+        exported = SeedStoryPipeline.from_pretrained(final, device="cpu").detokenizer.unet.conv_in.weight
+        assert torch.equal(exported, raw) == (decay == "0")
+
+
 def test_stage3_adapts_on_the_stage2_model_and_the_engine_tells_a_story(world, stage2_run, tmp_path, opening_image):
     from seedstory.engine import StoryEngine
     from seedstory.pipeline import SeedStoryPipeline
 
     _, stage2_final = stage2_run
     final = run_stage("stage3_adapt", "tiny-stage3.yaml", tmp_path, world, "train.max_steps=30",
-                      f"model.pretrained={stage2_final}", "train.condition_dropout=0.1", "train.snr_gamma=5")
+                      f"model.pretrained={stage2_final}", "train.condition_dropout=0.1", "train.snr_gamma=5",
+                      "train.noise_draws=2", "train.ema_decay=0.99")
     steps, loss = losses(tmp_path, "loss")
     assert steps == list(range(1, 31))
     assert mean(loss[-8:]) < mean(loss[:8]), loss
@@ -186,6 +228,16 @@ def test_stage3_joins_stage2_agent_with_stage1_detokenizer(world, stage1_run, st
     assert torch.equal(got.detokenizer.unet.conv_in.weight, one.detokenizer.unet.conv_in.weight)
     assert not torch.equal(got.detokenizer.unet.conv_in.weight, two.detokenizer.unet.conv_in.weight)
     assert all(torch.equal(a, b) for a, b in zip(got.agent.state_dict().values(), two.agent.state_dict().values()))
+
+
+def test_stage2_takes_its_loss_weights_from_the_training_config(world, tmp_path):
+    for scale in (0.0, 3.0):
+        run = tmp_path / str(scale)
+        run_stage("stage2_agent", "tiny-stage2.yaml", run, world, "train.max_steps=1", "train.lm_loss_scale=1",
+                  f"train.rec_loss_scale={scale}")
+        (_, total), (_, lm), (_, rec) = (losses(run, c) for c in ("total_loss", "lm_loss", "rec_loss"))
+        assert rec[0] > 0
+        assert total[0] == pytest.approx(lm[0] + scale * rec[0], rel=1e-4)
 
 
 def test_sigkill_then_resume(world, tmp_path):

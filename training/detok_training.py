@@ -65,6 +65,11 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> O
     return torch.clamp(snr, max=gamma) / snr
 
 
+def repeat_draws(x: torch.Tensor, draws: int) -> torch.Tensor:
+    """``x`` [B, ...] -> [draws * B, ...], in the order ``noisy_latents`` repeats the latents."""
+    return x if draws <= 1 else x.repeat(draws, *([1] * (x.dim() - 1)))
+
+
 def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float) -> torch.Tensor:
     """Replace each sample's features by ``negative`` (the zero-image features that inference uses as
     the classifier-free-guidance negative) with probability ``p``, so guidance > 1 has a trained
@@ -76,9 +81,13 @@ def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float) -> 
 
 
 @torch.no_grad()
-def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator=None):
-    """VAE-encode images in [-1, 1], add DDPM noise at uniformly drawn timesteps."""
+def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator=None, draws: int = 1):
+    """VAE-encode images in [-1, 1], add DDPM noise at uniformly drawn timesteps. ``draws`` > 1 noises each
+    encoded image that many times (independent noise and timestep; the batch is repeated, ``repeat_draws``
+    does the same to the conditions): on a CPU the VAE encoder costs as much as the small UNet's forward and
+    backward, so reusing each encoding buys UNet samples cheaply."""
     latents = vae.encode(sd_pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    latents = repeat_draws(latents, draws)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
                       generator=generator)

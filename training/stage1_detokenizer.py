@@ -7,6 +7,8 @@ features that let the de-tokenizer redraw characters, setting and layout. ``trai
 (default 0) trains the unconditional branch that classifier-free guidance needs: that share of samples is
 conditioned on the zero-image features, inference's negative. ``train.snr_gamma`` (default 0: plain MSE)
 weights the loss by Min-SNR-gamma, which makes the de-tokenizer learn to follow its condition sooner.
+``train.noise_draws`` (default 1) noises each VAE-encoded image that many times per step; ``train.ema_decay``
+(default 0: off) exports an exponential moving average of the weights.
 
     accelerate launch -m training.stage1_detokenizer --config configs/train/<...>.yaml [--resume]
 """
@@ -20,11 +22,11 @@ from seedstory.config import resolve_path
 from seedstory.data.datasets import ImageDataset, collate_images
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop, unwrap_trained,
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, make_weight_average,
+    parse_args, resume, train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
 )
 
 
@@ -52,24 +54,31 @@ def main(argv=None) -> str:
                         collate_fn=collate_images)
     optimizer, scheduler = make_optimizer(model.parameters(), t)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    average = make_weight_average(acc, model, t)
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))
+    draws = int(t.get("noise_draws", 1))
 
     def losses(batch):
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
-        pixels, time_ids = batch["pixel_values"].to(acc.device), batch["time_ids"].to(acc.device)
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
+                                                  draws=draws)
+        pixels = batch["pixel_values"].to(acc.device)
+        time_ids = repeat_draws(batch["time_ids"].to(acc.device), draws)
         if joint:
+            pixels = repeat_draws(pixels, draws)
             # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
             keep = (torch.rand(pixels.shape[0], device=pixels.device) >= dropout).to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
             return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
-            features = vit(pixels)
+            features = repeat_draws(vit(pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
                 features = drop_condition(features, vit.unconditional_features(), dropout)
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
-    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses)
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)
+    if average is not None:
+        average.copy_to_model()
     trained = unwrap_trained(acc, model)
     pipe.detokenizer = trained.detokenizer.eval()
     if joint:

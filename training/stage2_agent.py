@@ -2,6 +2,7 @@
 
     loss = lm_loss_scale * LM loss (target text, <img>, EOS) + rec_loss_scale * cosine(regressed, ViT features)
 
+``train.lm_loss_scale`` / ``train.rec_loss_scale`` override the agent's own weights of the two losses.
 The visual tokenizer is frozen. The LLM is tuned with LoRA as the release (r, alpha on the seven
 linears; norms, embeddings and LM head fully trained) or fully (small models); the resamplers are
 always trained. The exported model has the LoRA merged.
@@ -68,6 +69,9 @@ def main(argv=None) -> str:
     pipe = load_pipeline(cfg)
     agent, vit = pipe.agent, pipe.visual_tokenizer
     vit.requires_grad_(False).eval().to(acc.device)
+    for key in ("lm_loss_scale", "rec_loss_scale"):
+        if t.get(key) is not None:
+            setattr(agent, key, float(t[key]))
     lora = t.get("lora")
     if lora:
         agent.llm.requires_grad_(False)

@@ -13,11 +13,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop, unwrap_trained,
+    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, make_weight_average,
+    parse_args, resume, train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
 )
 from .stage2_agent import BATCH_KEYS, build_data
 
@@ -40,7 +40,9 @@ def main(argv=None) -> str:
     loader = build_data(cfg, pipe, acc, target_image_resolution=resolution)
     optimizer, scheduler = make_optimizer(model.parameters(), t)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    average = make_weight_average(acc, model, t)  # train.ema_decay, as in stage 1
     start = resume(acc, out) if args.resume else 0
+    draws = int(t.get("noise_draws", 1))  # as in stage 1
 
     dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
 
@@ -51,10 +53,14 @@ def main(argv=None) -> str:
                               return_recon_image_embeds=True)["recon_image_embeds"]
             if dropout > 0:
                 regressed = drop_condition(regressed, vit.unconditional_features(), dropout)
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device))
-        return {"loss": model(latents, timesteps, noise, batch["time_ids"].to(acc.device), features=regressed)}
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
+                                                  draws=draws)
+        return {"loss": model(latents, timesteps, noise, repeat_draws(batch["time_ids"].to(acc.device), draws),
+                              features=repeat_draws(regressed, draws))}
 
-    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses)
+    train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses, average)
+    if average is not None:
+        average.copy_to_model()
     pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
     path = export(acc, pipe, out)
     acc.end_training()
