@@ -234,9 +234,9 @@ def count_parameters(module: torch.nn.Module) -> str:
 
 class WeightAverage:
     """An exponential moving average of the trained weights (``train.ema_decay``, as diffusers' training
-    scripts' ``--use_ema``): diffusion models sample better from averaged weights than from the last step's.
+    scripts' ``--use_ema``): diffusion models often sample better from averaged weights than from the last step's.
     The average warms up (decay ``1 - (1 + step) ** -2/3``, capped at ``ema_decay``) so a short run is not
-    dominated by its random start. Checkpointed with the run; ``copy_to_model`` before export."""
+    dominated by its random start. Checkpointed with the run; ``train_loop`` leaves the average in the model."""
 
     def __init__(self, accelerator, model: torch.nn.Module, decay: float):
         from diffusers.training_utils import EMAModel
@@ -262,7 +262,8 @@ def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig
                start_step: int, compute_losses, average: Optional[WeightAverage] = None) -> None:
     """The loop every stage runs: ``compute_losses(batch) -> {"loss": tensor, ...}`` (the first value is
     optimized; all are logged), gradient accumulation, clipping, LR schedule, weight average, logging,
-    checkpoints."""
+    checkpoints. With a weight ``average`` the model holds the averaged weights when the loop returns (the
+    checkpoints keep the last step's, so a resumed run goes on from those)."""
     t = cfg.train
     log = LossLog(accelerator, out_dir, name, cfg, start_step)
     max_steps, every = int(t.max_steps), int(t.get("checkpoint_every", 100))
@@ -299,3 +300,5 @@ def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig
             if step >= stop_after:
                 break
     bar.close()
+    if average is not None:
+        average.copy_to_model()

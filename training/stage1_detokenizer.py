@@ -77,8 +77,6 @@ def main(argv=None) -> str:
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)
-    if average is not None:
-        average.copy_to_model()
     trained = unwrap_trained(acc, model)
     pipe.detokenizer = trained.detokenizer.eval()
     if joint:

@@ -59,8 +59,6 @@ def main(argv=None) -> str:
                               features=repeat_draws(regressed, draws))}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses, average)
-    if average is not None:
-        average.copy_to_model()
     pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
     path = export(acc, pipe, out)
     acc.end_training()
