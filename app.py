@@ -192,10 +192,11 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         return logic.model_report(holder)
 
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition=0.0):
-        """All generation settings at once (0 or empty means the preset's default; for the seed too)."""
+                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None):
+        """All generation settings at once (0 or empty means the preset's default; for the seed too; for
+        ``no_repeat`` only empty does, 0 turns it off)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
-                                repetition or None)
+                                repetition or None, no_repeat)
 
     with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -253,6 +254,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                 repetition = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
                                        label="Repetition penalty (1: off, 0: preset default)")
+                no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: off, empty: preset)",
+                                      precision=0, value=None, minimum=0, maximum=100)
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
@@ -271,7 +274,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_file = gr.File(label="Load a saved session (.zip)", file_types=[".zip"], type="filepath")
                 load_story_btn = gr.Button("Load session")
 
-        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition]
+        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat]
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

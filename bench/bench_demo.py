@@ -11,8 +11,9 @@ The opening (first picture + first caption of a validation story) is given; the 
 - the analyzer's four metrics with the targets (caption validity ≥ 95%, caption-image agreement ≥ 80%,
   character consistency ≥ 90%, setting consistency ≥ 90%), overall and by thirds of the story, so a
   story that degenerates as it grows shows up as falling figures late in the story;
-- degeneration signs: captions repeating the previous frame's, empty captions, pictures with neither a
-  recognisable setting nor a figure;
+- degeneration signs: captions repeating the previous frame's, captions repeating one of the last four
+  (two-frame loops: A, B, A, B, ...), empty captions, pictures with neither a recognisable setting nor a
+  figure;
 - seconds per frame (text + picture), from the frames' creation times: median and 90th percentile, with
   the number of threads torch used (``--threads``; default: torch's).
 
@@ -65,19 +66,24 @@ def by_thirds(report: E.Report, frames: int) -> dict:
     return out
 
 
+LOOP = 4  # a caption that repeats one of the last LOOP captions counts as a loop (A, B, A, B, ...)
+
+
 def degeneration(out: str, world) -> dict:
     from seedstory.data import synthetic as S
 
-    repeats = empty = blank = n = 0
+    repeats = loops = empty = blank = n = 0
     for name, frames in E.saved_stories(out):
         for k in range(1, len(frames)):
             text, image = frames[k]
             n += 1
             repeats += text.strip() == frames[k - 1][0].strip()
+            loops += text.strip() in {t.strip() for t, _ in frames[max(0, k - LOOP):k]}
             empty += not text.strip()
             scene = S.detect(image, world)
             blank += scene["setting"] is None and not scene["figures"]
-    return {"frames": n, "repeated_caption": repeats / max(1, n), "empty_caption": empty / max(1, n),
+    return {"frames": n, "repeated_caption": repeats / max(1, n), "looped_caption": loops / max(1, n),
+            "empty_caption": empty / max(1, n),
             "blank_picture": blank / max(1, n)}
 
 
@@ -133,6 +139,7 @@ def main(argv=None) -> int:
         print(f"  {window}: " + ", ".join(f"{m.replace('_', ' ')} {v:.1%}" for m, v in vals.items()))
     d = result["degeneration"]
     print(f"\ndegeneration over {d['frames']} frames: repeated caption {d['repeated_caption']:.1%}, "
+          f"caption from the last {LOOP} {d['looped_caption']:.1%}, "
           f"empty caption {d['empty_caption']:.1%}, blank picture {d['blank_picture']:.1%}")
     spf = result["seconds_per_frame"]
     if spf["median"] is not None:

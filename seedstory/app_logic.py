@@ -39,6 +39,7 @@ class UISettings:
     window: Optional[int] = None
     seed: Optional[int] = None
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
+    no_repeat_captions: Optional[int] = None  # 0 = off; None/empty = the preset's
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -53,6 +54,7 @@ class UISettings:
             scheduler=self.scheduler or None, window=int(self.window) if self.window else None,
             seed=int(self.seed) if self.seed not in (None, "") else None,
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
+            no_repeat_captions=int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else None,
         )
 
 

@@ -34,6 +34,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--repetition-penalty", type=float,
                    help="penalty on the previous frame's words (1: off; the demo preset uses its own)")
+    g.add_argument("--no-repeat-captions", type=int, metavar="N",
+                   help="when sampling, draw a caption again (up to 3 more times) while it repeats one of the last N "
+                        "(0: off; the demo preset uses its own)")
     g.add_argument("--max-new-tokens", type=int, help="longest text per frame, in tokens")
     g.add_argument("--steps", type=int, help="diffusion steps per image")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -50,6 +53,7 @@ def _settings_from_args(pipe, args):
         seed=args.seed, do_sample=True if args.sample else None, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, window=args.window, repetition_penalty=args.repetition_penalty,
+        no_repeat_captions=args.no_repeat_captions,
     )
 
 

@@ -97,6 +97,10 @@ class GenerationSettings:
     # HF-style (CTRL) penalty on the tokens of the previous frame's text and of the text so far; 1 = off.
     # Small story models otherwise tend to copy the previous caption word for word.
     repetition_penalty: float = 1.0
+    # When sampling, a new caption that repeats (word for word) one of the last N captions on its path is
+    # drawn again (up to engine.CAPTION_RETRIES more times); 0 = off. The token penalty above only sees the
+    # previous caption, so small models fall into two-frame loops (A, B, A, B, ...) without this.
+    no_repeat_captions: int = 0
     max_frames: int = 50
 
     @classmethod
@@ -124,6 +128,7 @@ class GenerationSettings:
             (self.temperature > 0, "temperature must be positive"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (1 <= self.repetition_penalty <= 10, "repetition_penalty must be between 1 (off) and 10"),
+            (0 <= self.no_repeat_captions <= 100, "no_repeat_captions must be between 0 (off) and 100"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),
             (self.width is None or (self.width >= 8 and self.width % 8 == 0), "width must be a multiple of 8"),

@@ -24,7 +24,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -39,6 +39,7 @@ from .tokens import neutralize_text
 
 MODES = ("recompute", "window", "sink")
 MAX_TEXT_CHARS = 2000
+CAPTION_RETRIES = 3  # more draws when a caption repeats a recent one (GenerationSettings.no_repeat_captions)
 Progress = Callable[[str, float], None]  # (stage, fraction of this frame done)
 
 
@@ -276,11 +277,12 @@ class StoryEngine:
         text: Optional[str] = None,
         progress: Optional[Progress] = None,
         should_stop: Optional[Callable[[], bool]] = None,
-        previous: Optional[Frame] = None,
+        recent: Sequence[Frame] = (),
     ) -> tuple[str, list[int], torch.Tensor]:
         """Write (or take) a frame's text and compute its picture's features. Returns
-        (display text, the frame's ids, features [1, n, D] on CPU). ``previous`` (the parent frame) is
-        what the repetition penalty looks at."""
+        (display text, the frame's ids, features [1, n, D] on CPU). ``recent`` (the frames on the path
+        up to the parent, oldest first) is what the repetition penalty (the last one) and
+        ``no_repeat_captions`` (the last N) look at."""
         agent, prompt = self.pipe.agent, self.prompt
         if text is None:
             generator = torch.Generator().manual_seed(seed)
@@ -288,16 +290,26 @@ class StoryEngine:
                                  settings.min_new_tokens, settings.repetition_penalty)
             if progress:
                 progress("writing text", 0.0)
-            result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
-                                       should_stop=should_stop, start_pos=state.next_pos,
-                                       recent=self._penalized(previous, settings))
+            avoid = repeated_captions(recent, settings)
+            for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
+                # the generator moves on, so each try draws another caption; the cache is not changed by a try
+                result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
+                                           should_stop=should_stop, start_pos=state.next_pos,
+                                           recent=self._penalized(recent[-1] if recent else None, settings))
+                text = self.display_text(result.ids)
+                if _caption_key(text) not in avoid or (should_stop is not None and should_stop()):
+                    break
             text_ids, kv = result.ids, result.kv
-            text = self.display_text(text_ids)
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]
             _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.kv, start_pos=state.next_pos)
         features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
         return text, text_ids + prompt.image_ids.block, features.float().cpu()
+
+    @staticmethod
+    def _recent(tree: StoryTree, parent_id: int, settings: GenerationSettings) -> list[Frame]:
+        """The last frames on the path to ``parent_id`` (oldest first) that the repetition controls read."""
+        return tree.path(parent_id)[-max(1, settings.no_repeat_captions):]
 
     def _penalized(self, previous: Optional[Frame], settings: GenerationSettings) -> list[int]:
         """The previous frame's caption ids (not the prompt's own markers, which every frame repeats)."""
@@ -349,7 +361,7 @@ class StoryEngine:
         with self.lock:
             state = self.state_after(tree, parent.id)
             text, ids, features = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
-                                              previous=parent)
+                                              recent=self._recent(tree, parent.id, settings))
             image = self._paint(features, seed, settings, progress)
             frame = self._add(tree, parent.id, text, image, features, ids, seed, settings, origin)
             self._remember(tree, state, frame)
@@ -394,7 +406,8 @@ class StoryEngine:
                 return frame
             sample = settings if settings.do_sample else settings.replace(do_sample=True)
             state = self.state_after(tree, old.parent)
-            text, ids, features = self._write(state, sample, seed, progress=progress, previous=tree.get(old.parent))
+            text, ids, features = self._write(state, sample, seed, progress=progress,
+                                              recent=self._recent(tree, old.parent, sample))
             paint_seed = old.seed if part == "text" and old.seed is not None else seed
             image = self._paint(features, paint_seed, settings, progress)
             frame = self._add(tree, old.parent, text, image, features, ids, paint_seed, sample, "regenerated")
@@ -459,3 +472,17 @@ class StoryEngine:
 
 class _NeedsRebuild(Exception):
     pass
+
+
+def _caption_key(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def repeated_captions(recent: Sequence[Frame], settings: GenerationSettings) -> set[str]:
+    """The captions a new one may not repeat: the last ``no_repeat_captions`` of ``recent``, compared
+    case- and whitespace-insensitively. Empty when off or when decoding is greedy (a new draw would be the
+    same caption)."""
+    n = settings.no_repeat_captions
+    if n <= 0 or not settings.do_sample:
+        return set()
+    return {_caption_key(f.text) for f in recent[-n:] if f.text.strip()}

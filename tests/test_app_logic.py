@@ -495,3 +495,10 @@ def test_text_decoding_defaults_to_the_presets_own():
     assert logic.UISettings(repetition_penalty=1.0).generation(base).repetition_penalty == 1.0
     with pytest.raises(Exception, match="repetition_penalty must be between 1"):
         logic.UISettings(repetition_penalty=0.5).generation(base)
+    # no_repeat_captions: empty keeps the preset's, 0 turns it off, a negative count is refused clearly
+    base = base.replace(no_repeat_captions=4)
+    assert logic.UISettings().generation(base).no_repeat_captions == 4
+    assert logic.UISettings(no_repeat_captions=0).generation(base).no_repeat_captions == 0
+    assert logic.UISettings(no_repeat_captions=2.0).generation(base).no_repeat_captions == 2
+    with pytest.raises(Exception, match="no_repeat_captions must be between 0"):
+        logic.UISettings(no_repeat_captions=-1).generation(base)

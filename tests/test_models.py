@@ -179,6 +179,43 @@ def test_repetition_penalty_pushes_down_recent_and_written_tokens():
     assert len(set(written)) > 6, written
 
 
+def test_engine_redraws_a_caption_that_repeats_a_recent_one(tiny_pipeline, opening_image, monkeypatch):
+    from seedstory.engine import CAPTION_RETRIES, StoryEngine, repeated_captions
+
+    engine = StoryEngine(tiny_pipeline, mode="window", window=4)
+    tree = engine.start(opening_image, "Pim is on the left.")
+    opening = tree.get(tree.current)
+    base = tiny_pipeline.settings.replace(do_sample=True, max_new_tokens=8, num_inference_steps=1)
+    guard = base.replace(no_repeat_captions=3)
+    # what a caption may not repeat: the last N on the path, compared without case or spacing; off when
+    # greedy (another draw would be the same text) or N = 0
+    assert repeated_captions([opening], guard) == {"pim is on the left."}
+    assert repeated_captions([opening], base) == set()
+    assert repeated_captions([opening], guard.replace(do_sample=False)) == set()
+    draws, real_display = [], engine.display_text
+
+    def display(ids, repeat_first=1):
+        draws.append(list(ids))
+        # the first ``repeat_first`` draws come out as a copy of the opening caption
+        return "  PIM is on the LEFT. " if len(draws) <= repeat_first else real_display(ids)
+
+    monkeypatch.setattr(engine, "display_text", display)
+    frame = engine.step(tree, opening.id, settings=guard, seed=5)
+    assert len(draws) == 2 and frame.text == real_display(draws[1])
+    assert draws[0] != draws[1]  # the retry is another draw, not the same one again
+    # the frame's tokens are those of the caption it kept, so the KV cache matches its text
+    assert frame.token_ids[: len(draws[1])] == draws[1]
+    draws.clear()
+    engine.step(tree, opening.id, settings=base, seed=5)
+    assert len(draws) == 1  # off: the copy is kept
+    draws.clear()
+    monkeypatch.setattr(engine, "display_text", lambda ids: display(ids, repeat_first=99))
+    stuck = engine.step(tree, opening.id, settings=guard, seed=5)
+    assert len(draws) == 1 + CAPTION_RETRIES and stuck.text.strip()  # gives up and keeps the last draw
+    with pytest.raises(Exception, match="no_repeat_captions"):
+        base.replace(no_repeat_captions=-1)
+
+
 def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipeline, opening_image):
     from seedstory.engine import StoryEngine
 
