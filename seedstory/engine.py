@@ -291,11 +291,11 @@ class StoryEngine:
             if progress:
                 progress("writing text", 0.0)
             avoid = repeated_captions(recent, settings)
+            penalized = self._penalized(recent[-1] if recent else None, settings)
             for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
                 # the generator moves on, so each try draws another caption; the cache is not changed by a try
                 result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
-                                           should_stop=should_stop, start_pos=state.next_pos,
-                                           recent=self._penalized(recent[-1] if recent else None, settings))
+                                           should_stop=should_stop, start_pos=state.next_pos, recent=penalized)
                 text = self.display_text(result.ids)
                 if _caption_key(text) not in avoid or (should_stop is not None and should_stop()):
                     break
