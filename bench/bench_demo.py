@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from seedstory.engine import caption_key  # noqa: E402
 from seedstory.eval import synthetic as E  # noqa: E402
 from seedstory.eval.generate import generate_stories  # noqa: E402
 from seedstory.storage import load_story  # noqa: E402
@@ -78,7 +79,7 @@ def degeneration(out: str, world) -> dict:
             text, image = frames[k]
             n += 1
             repeats += text.strip() == frames[k - 1][0].strip()
-            loops += text.strip() in {t.strip() for t, _ in frames[max(0, k - LOOP):k]}
+            loops += caption_key(text) in {caption_key(t) for t, _ in frames[max(0, k - LOOP):k]}
             empty += not text.strip()
             scene = S.detect(image, world)
             blank += scene["setting"] is None and not scene["figures"]

@@ -297,7 +297,7 @@ class StoryEngine:
                 result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
                                            should_stop=should_stop, start_pos=state.next_pos, recent=penalized)
                 text = self.display_text(result.ids)
-                if _caption_key(text) not in avoid or (should_stop is not None and should_stop()):
+                if caption_key(text) not in avoid or (should_stop is not None and should_stop()):
                     break
             text_ids, kv = result.ids, result.kv
         else:
@@ -474,7 +474,8 @@ class _NeedsRebuild(Exception):
     pass
 
 
-def _caption_key(text: str) -> str:
+def caption_key(text: str) -> str:
+    """What two captions must share to count as the same: their words, ignoring case and spacing."""
     return " ".join(text.split()).lower()
 
 
@@ -485,4 +486,4 @@ def repeated_captions(recent: Sequence[Frame], settings: GenerationSettings) -> 
     n = settings.no_repeat_captions
     if n <= 0 or not settings.do_sample:
         return set()
-    return {_caption_key(f.text) for f in recent[-n:] if f.text.strip()}
+    return {caption_key(f.text) for f in recent[-n:] if f.text.strip()}
