@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
 from seedstory.cli import default_preset  # noqa: E402
-from seedstory.config import REPO_ROOT, list_presets  # noqa: E402
+from seedstory.config import REPETITION_SCOPES, REPO_ROOT, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
 
 try:  # On Hugging Face ZeroGPU, GPU-bound calls must be decorated; elsewhere this is a no-op.
@@ -192,11 +192,11 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         return logic.model_report(holder)
 
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None):
+                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None):
         """All generation settings at once (0 or empty means the preset's default; for the seed too; for
         ``no_repeat`` only empty does, 0 turns it off)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
-                                repetition or None, no_repeat)
+                                repetition or None, no_repeat, scope or None)
 
     with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -254,6 +254,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                 repetition = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
                                        label="Repetition penalty (1: off, 0: preset default)")
+                scope = gr.Dropdown(list(REPETITION_SCOPES), value=None,
+                                    label="The penalty counts repeated (empty: preset default)")
                 no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: off, empty: preset)",
                                       precision=0, value=None, minimum=0, maximum=100)
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
@@ -274,7 +276,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_file = gr.File(label="Load a saved session (.zip)", file_types=[".zip"], type="filepath")
                 load_story_btn = gr.Button("Load session")
 
-        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat]
+        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat, scope]
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

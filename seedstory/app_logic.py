@@ -40,6 +40,7 @@ class UISettings:
     seed: Optional[int] = None
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
     no_repeat_captions: Optional[int] = None  # 0 = off; None/empty = the preset's
+    repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -55,6 +56,7 @@ class UISettings:
             seed=int(self.seed) if self.seed not in (None, "") else None,
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
             no_repeat_captions=int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else None,
+            repetition_scope=self.repetition_scope or None,
         )
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .config import list_presets, load_preset, resolve_path
+from .config import REPETITION_SCOPES, list_presets, load_preset, resolve_path
 from .story import StoryError
 
 
@@ -34,6 +34,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--repetition-penalty", type=float,
                    help="penalty on the previous frame's words (1: off; the demo preset uses its own)")
+    g.add_argument("--repetition-scope", choices=list(REPETITION_SCOPES),
+                   help="what the penalty counts as a repeat: tokens (as transformers), words (a caption's first word "
+                        "and the same word later are one), word_starts (words, never a word's inner pieces)")
     g.add_argument("--no-repeat-captions", type=int, metavar="N",
                    help="when sampling, draw a caption again (up to 3 more times) while it repeats one of the last N "
                         "(0: off; the demo preset uses its own)")
@@ -53,7 +56,7 @@ def _settings_from_args(pipe, args):
         seed=args.seed, do_sample=True if args.sample else None, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, window=args.window, repetition_penalty=args.repetition_penalty,
-        no_repeat_captions=args.no_repeat_captions,
+        repetition_scope=args.repetition_scope, no_repeat_captions=args.no_repeat_captions,
     )
 
 

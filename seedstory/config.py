@@ -78,6 +78,9 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return torch.device(name)
 
 
+REPETITION_SCOPES = ("tokens", "words", "word_starts")
+
+
 @dataclass
 class GenerationSettings:
     """Per-call generation settings with the preset's defaults."""
@@ -97,6 +100,9 @@ class GenerationSettings:
     # HF-style (CTRL) penalty on the tokens of the previous frame's text and of the text so far; 1 = off.
     # Small story models otherwise tend to copy the previous caption word for word.
     repetition_penalty: float = 1.0
+    # What the penalty counts as repeated: "tokens" (as transformers), "words" (``Wex`` at a caption's start
+    # and `` Wex`` later are one word), "word_starts" (words, and never a word's inner pieces).
+    repetition_scope: str = "tokens"
     # When sampling, a new caption that repeats (word for word) one of the last N captions on its path is
     # drawn again (up to engine.CAPTION_RETRIES more times); 0 = off. The token penalty above only sees the
     # previous caption, so small models fall into two-frame loops (A, B, A, B, ...) without this.
@@ -128,6 +134,8 @@ class GenerationSettings:
             (self.temperature > 0, "temperature must be positive"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (1 <= self.repetition_penalty <= 10, "repetition_penalty must be between 1 (off) and 10"),
+            (self.repetition_scope in REPETITION_SCOPES,
+             f"repetition_scope must be one of {', '.join(REPETITION_SCOPES)}"),
             (0 <= self.no_repeat_captions <= 100, "no_repeat_captions must be between 0 (off) and 100"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),

@@ -287,7 +287,8 @@ class StoryEngine:
         if text is None:
             generator = torch.Generator().manual_seed(seed)
             cfg = DecodingConfig(settings.do_sample, settings.temperature, settings.top_p, settings.max_new_tokens,
-                                 settings.min_new_tokens, settings.repetition_penalty)
+                                 settings.min_new_tokens, settings.repetition_penalty, settings.repetition_scope)
+            forms = prompt.word_forms() if settings.repetition_scope != "tokens" else None
             if progress:
                 progress("writing text", 0.0)
             avoid = repeated_captions(recent, settings)
@@ -295,7 +296,8 @@ class StoryEngine:
             for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
                 # the generator moves on, so each try draws another caption; the cache is not changed by a try
                 result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
-                                           should_stop=should_stop, start_pos=state.next_pos, recent=penalized)
+                                           should_stop=should_stop, start_pos=state.next_pos, recent=penalized,
+                                           word_forms=forms)
                 text = self.display_text(result.ids)
                 if caption_key(text) not in avoid or (should_stop is not None and should_stop()):
                     break

@@ -41,6 +41,34 @@ class EncodedStory:
         return dict(self.__dict__)
 
 
+SPACE_MARKERS = ("\u0120", "\u2581")  # byte-level BPE's "Ġ", sentencepiece's "▁"
+
+
+@dataclass
+class WordForms:
+    """A caption's first word is another token than the same word later on (``Wex`` vs ``ĠWex``): the
+    repetition penalty's word scope treats the two as one. ``twin`` maps an id to the same text with/without
+    the leading space; ``word_starts`` holds the ids that begin a word (spaced ones and their bare twins)."""
+
+    twin: dict
+    word_starts: frozenset
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "WordForms":
+        vocab = tokenizer.get_vocab()  # token string -> id
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        twin, starts = {}, set()
+        for token, i in vocab.items():
+            if i in special or len(token) < 2 or token[0] not in SPACE_MARKERS:
+                continue
+            starts.add(i)
+            bare = vocab.get(token[1:])
+            if bare is not None and bare not in special:
+                twin[i], twin[bare] = bare, i
+                starts.add(bare)
+        return cls(twin, frozenset(starts))
+
+
 class PromptFormat:
     """Turns story frames into token ids and masks. Image-token ids come from the tokenizer."""
 
@@ -91,6 +119,12 @@ class PromptFormat:
         ids = self._encode(text) if first else self._encode_after_image(text)
         self._check_text_ids(ids, 1)
         return ids
+
+    def word_forms(self) -> "WordForms":
+        """Which ids spell the same word with and without a leading space (cached; see ``WordForms``)."""
+        if getattr(self, "_word_forms", None) is None:
+            self._word_forms = WordForms.from_tokenizer(self.tokenizer)
+        return self._word_forms
 
     def text_ids_after_image(self, text: str) -> list[int]:
         """ids of free text placed right after an image block (no image block of its own)."""

@@ -502,3 +502,10 @@ def test_text_decoding_defaults_to_the_presets_own():
     assert logic.UISettings(no_repeat_captions=2.0).generation(base).no_repeat_captions == 2
     with pytest.raises(Exception, match="no_repeat_captions must be between 0"):
         logic.UISettings(no_repeat_captions=-1).generation(base)
+    # what the penalty counts as a repeat: empty keeps the preset's, an unknown scope is refused clearly
+    base = base.replace(repetition_scope="word_starts")
+    assert logic.UISettings().generation(base).repetition_scope == "word_starts"
+    assert logic.UISettings(repetition_scope="").generation(base).repetition_scope == "word_starts"
+    assert logic.UISettings(repetition_scope="tokens").generation(base).repetition_scope == "tokens"
+    with pytest.raises(Exception, match="repetition_scope must be one of tokens, words, word_starts"):
+        logic.UISettings(repetition_scope="letters").generation(base)

@@ -81,8 +81,9 @@ def test_same_seed_same_story(story_dir, workdir, opening_png):
         (["--mode", "recompute", "--window", "2"], {"window": 2}),
         (["--sample", "--seed", "5", "--steps", "1"], {"do_sample": True, "seed": 5, "num_inference_steps": 1}),
         (["--sample", "--no-repeat-captions", "2"], {"do_sample": True, "no_repeat_captions": 2}),
+        (["--repetition-scope", "words"], {"repetition_scope": "words"}),
     ],
-    ids=["sink-window2", "recompute-window2", "sample", "no-repeat"],
+    ids=["sink-window2", "recompute-window2", "sample", "no-repeat", "scope"],
 )
 def test_generate_options(flags, want, workdir, opening_png, capsys):
     out = workdir / ("opt_" + "_".join(f.strip("-") for f in flags))

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -179,6 +180,61 @@ def test_repetition_penalty_pushes_down_recent_and_written_tokens():
     assert len(set(written)) > 6, written
 
 
+def test_word_forms_pair_a_word_with_its_spaced_form():
+    from seedstory.config import REPO_ROOT
+    from seedstory.prompt import WordForms
+    from seedstory.tokens import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(REPO_ROOT, "assets", "demo-model", "tokenizer"), 16)
+    forms = WordForms.from_tokenizer(tok)
+    wex, spaced_wex, ing, dot = tok.convert_tokens_to_ids(["Wex", "\u0120Wex", "ing", "."])
+    # a caption's first word and the same word later on are two tokens
+    assert tok.encode("Wex waves at Wex.", add_special_tokens=False) == [wex, *tok.encode(" waves at", add_special_tokens=False), spaced_wex, dot]
+    assert forms.twin[wex] == spaced_wex and forms.twin[spaced_wex] == wex
+    assert {wex, spaced_wex} <= forms.word_starts
+    assert not {ing, dot} & forms.word_starts  # inner pieces and punctuation never start a word
+    assert not set(tok.all_special_ids) & (set(forms.twin) | forms.word_starts)
+
+
+def test_repetition_scope_counts_a_word_with_or_without_its_space(monkeypatch):
+    from seedstory.prompt import WordForms
+
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    _, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    eos = tok.eos_token_id
+    word, spaced, piece, other = 40, 41, 42, 43
+    forms = WordForms(twin={word: spaced, spaced: word}, word_starts=frozenset({word, spaced}))
+    logits = torch.full((agent.llm.config.vocab_size,), -3.0)
+
+    def first(scope, recent):
+        cfg = DecodingConfig(max_new_tokens=1, repetition_penalty=2.0, repetition_scope=scope)
+        return agent.decode_text(logits, kv, pf.image_ids, eos, cfg, recent=recent, word_forms=forms).ids[0]
+
+    logits[spaced], logits[other] = 5.0, 4.0
+    assert first("tokens", [word]) == spaced       # as transformers: another token, not penalized
+    assert first("words", [word]) == other         # the same word: 5 / 2 < 4
+    assert first("word_starts", [word]) == other
+    logits[spaced], logits[piece] = -3.0, 5.0
+    assert first("tokens", [piece]) == other
+    assert first("words", [piece]) == other
+    assert first("word_starts", [piece]) == piece  # a word's inner piece is never penalized
+    # the text written so far counts the same way: after ``word`` the next logits favour its spaced twin
+    logits[piece], logits[word] = -3.0, 9.0
+    after = logits.clone()
+    after[word], after[spaced] = -3.0, 5.0
+    monkeypatch.setattr(agent, "prefill", lambda ids, kv=None, start_pos=None: (after, None, kv))
+
+    def written(scope):
+        cfg = DecodingConfig(max_new_tokens=2, min_new_tokens=2, repetition_penalty=2.0, repetition_scope=scope)
+        return agent.decode_text(logits, kv, pf.image_ids, eos, cfg, word_forms=forms).ids
+
+    assert written("tokens") == [word, spaced]
+    assert written("words") == [word, other]
+    with pytest.raises(ValueError, match="needs the tokenizer's word_forms"):
+        agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(repetition_scope="words"))
+
+
 def test_engine_redraws_a_caption_that_repeats_a_recent_one(tiny_pipeline, opening_image, monkeypatch):
     from seedstory.engine import CAPTION_RETRIES, StoryEngine, repeated_captions
 
@@ -216,7 +272,7 @@ def test_engine_redraws_a_caption_that_repeats_a_recent_one(tiny_pipeline, openi
         base.replace(no_repeat_captions=-1)
 
 
-def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipeline, opening_image):
+def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipeline, opening_image, monkeypatch):
     from seedstory.engine import StoryEngine
 
     engine = StoryEngine(tiny_pipeline, mode="window", window=4)
@@ -230,5 +286,19 @@ def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipe
     b = engine.step(tree, opening.id, settings=tiny_pipeline.settings.replace(do_sample=False, num_inference_steps=1),
                     seed=3)
     assert a.text == b.text  # the default (1.0) is off
+    # the scope reaches the decoder with the tokenizer's word forms
+    seen, decode = [], tiny_pipeline.agent.decode_text
+
+    def spy(*args, **kw):
+        seen.append((args[4].repetition_scope, kw["word_forms"]))
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(tiny_pipeline.agent, "decode_text", spy)
+    for scope in ("tokens", "words", "word_starts"):
+        engine.step(tree, opening.id, settings=on.replace(repetition_scope=scope), seed=3)
+    assert [s for s, _ in seen] == ["tokens", "words", "word_starts"]
+    assert seen[0][1] is None and seen[1][1] is engine.prompt.word_forms() is seen[2][1]
+    with pytest.raises(Exception, match="repetition_scope must be one of"):
+        off.replace(repetition_scope="letters")
     with pytest.raises(Exception, match="repetition_penalty"):
         off.replace(repetition_penalty=0.5)

@@ -1,6 +1,6 @@
 """Rebuild the shipped demo model from scratch: synthetic data, text tokenizer, stages 0-3, export.
 
-    python -m training.build_demo                       # everything, on the CPU (77 min on 2 cores)
+    python -m training.build_demo                       # everything, on the CPU (about 2 h on 2 cores)
     python -m training.build_demo --launcher "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
 
 Every step is skipped when its output exists and resumed from its latest checkpoint when it was
@@ -40,9 +40,16 @@ def log(msg: str) -> None:
     print(f"[build_demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# glibc hands every large freed block back to the kernel and maps it afresh on the next step, so a CPU stage
+# spends ~15% of its time in page faults; keeping those blocks in the heap made a demo stage-1 step 7% faster
+# (2.42 vs 2.57-2.69 s on 2 cores, same losses). Other allocators ignore these; the user's own settings win.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
+              "MALLOC_TOP_PAD_": "268435456"}
+
+
 def run(cmd: list[str]) -> None:
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, env={**MALLOC_ENV, **os.environ})
 
 
 def main(argv=None) -> str:

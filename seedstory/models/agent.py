@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import nn
 from ..tokens import ImageTokenIds
 from .kv import KV, kv_length, run_decoder
 from .qwen_resampler import QwenResampler
+
+if TYPE_CHECKING:
+    from ..prompt import WordForms
 
 
 def cosine_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,6 +44,9 @@ class DecodingConfig:
     # The release ends a story when EOS comes instead of a new frame; we never let a frame start with it.
     min_new_tokens: int = 1
     repetition_penalty: float = 1.0  # on ``decode_text``'s ``recent`` ids and the ids written so far
+    # "tokens" (transformers); "words": an id also penalizes its twin with/without a leading space;
+    # "word_starts": as "words", and only ids that begin a word are penalized (not "r" in "carrying").
+    repetition_scope: str = "tokens"
 
 
 @dataclass
@@ -199,16 +205,30 @@ class SeedStoryAgent(nn.Module):
         should_stop: Optional[Callable[[], bool]] = None,
         start_pos: Optional[int] = None,
         recent: Sequence[int] = (),
+        word_forms: Optional[WordForms] = None,
     ) -> TextResult:
         """Decode text from ``logits`` until the model opens an image (``<img>``), emits EOS, or hits
         ``max_new_tokens``. The image-block tokens other than ``<img>`` are never chosen here; the
         chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once). With
         ``cfg.repetition_penalty`` > 1, the ids in ``recent`` (the previous frame's text) and those written
-        so far are penalized as in CTRL / transformers: positive logits divided, negative ones multiplied."""
+        so far are penalized as in CTRL / transformers: positive logits divided, negative ones multiplied.
+        ``cfg.repetition_scope`` other than "tokens" needs ``word_forms`` (``PromptFormat.word_forms()``)."""
+        if cfg.repetition_scope != "tokens" and word_forms is None:
+            raise ValueError(f"repetition_scope {cfg.repetition_scope!r} needs the tokenizer's word_forms")
         banned = torch.tensor(sorted(image_ids.all - {image_ids.boi}), device=logits.device)
         pos = kv_length(kv) if start_pos is None else start_pos
         ids: list[int] = []
-        seen = set(int(i) for i in recent) - image_ids.all
+        seen: set[int] = set()
+
+        def remember(token: int) -> None:
+            if cfg.repetition_scope == "tokens":
+                seen.add(token)
+            elif cfg.repetition_scope == "words" or token in word_forms.word_starts:
+                seen.update((token, word_forms.twin.get(token, token)))
+
+        for i in recent:
+            if int(i) not in image_ids.all:
+                remember(int(i))
         while True:
             step_logits = logits.clone()
             if cfg.repetition_penalty != 1.0 and seen:
@@ -226,7 +246,7 @@ class SeedStoryAgent(nn.Module):
             if token == eos_id:
                 return TextResult(ids, "eos", kv, logits)
             ids.append(token)
-            seen.add(token)
+            remember(token)
             logits, _, kv = self.prefill(torch.tensor([token]), kv=kv, start_pos=pos)
             pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
