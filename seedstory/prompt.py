@@ -50,8 +50,8 @@ class WordForms:
     repetition penalty's word scope treats the two as one. ``twin`` maps an id to the same text with/without
     the leading space; ``word_starts`` holds the ids that begin a word (spaced ones and their bare twins)."""
 
-    twin: dict
-    word_starts: frozenset
+    twin: dict[int, int]
+    word_starts: frozenset[int]
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "WordForms":
@@ -86,6 +86,7 @@ class PromptFormat:
         # image block inside a longer string (the `legacy` flag decides whether that starts with "▁").
         self._eoi_prefix = tokenizer.encode(EOI_TOKEN, add_special_tokens=False)
         assert self._eoi_prefix == [self.image_ids.eoi]
+        self._word_forms: Optional[WordForms] = None
 
     # -- text pieces -------------------------------------------------------------------------
     def clean(self, text: str) -> str:
@@ -122,7 +123,7 @@ class PromptFormat:
 
     def word_forms(self) -> "WordForms":
         """Which ids spell the same word with and without a leading space (cached; see ``WordForms``)."""
-        if getattr(self, "_word_forms", None) is None:
+        if self._word_forms is None:
             self._word_forms = WordForms.from_tokenizer(self.tokenizer)
         return self._word_forms
 
