@@ -1,0 +1,34 @@
+"""bench/bench_demo.py on the shipped demo model and a two-story world: the report, and --text-only."""
+import importlib.util
+import json
+import os
+
+from seedstory.data.synthetic import write_dataset
+from seedstory.storage import load_story
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_demo", os.path.join(ROOT, "bench", "bench_demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_only_paints_drafts_and_says_so(tmp_path, capsys):
+    world = tmp_path / "world"
+    write_dataset(str(world), stories=3, frames=4, size=128, seed=2, workers=1, progress=False)
+    out = tmp_path / "bench"
+    assert load_bench().main(["--val", str(world / "val.jsonl"), "--images", str(world / "images"), "--stories", "1",
+                              "--frames", "2", "--out", str(out), "--text-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "text only: the pictures are 1-step drafts" in printed and "caption validity" in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["text_only"] and result["stories"] == 1 and result["degeneration"]["frames"] == 2
+    (story,) = os.listdir(out / "stories")
+    tree = load_story(str(out / "stories" / story))
+    made = tree.path(tree.current)[1:]
+    assert len(made) == 2
+    assert all(f.settings["num_inference_steps"] == 1 and f.settings["guidance_scale"] == 1 for f in made)
+    assert all(f.settings["repetition_scope"] == "word_starts" for f in made)  # otherwise the demo preset's own
