@@ -276,7 +276,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_file = gr.File(label="Load a saved session (.zip)", file_types=[".zip"], type="filepath")
                 load_story_btn = gr.Button("Load session")
 
-        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat, scope]
+        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat,
+                    scope]
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

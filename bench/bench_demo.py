@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     analysis = E.analyze(E.saved_stories(stories_dir), world)
     gaps = sorted(frame_seconds(stories_dir))
     result = {
-        "preset": args.preset, "text_only": args.text_only, "stories": len(analysis.stories), "frames_per_story": args.frames + 1,
+        "preset": args.preset, "text_only": args.text_only, "stories": len(analysis.stories),
+        "frames_per_story": args.frames + 1,
         "overall": analysis.overall(), "counts": analysis.totals(),
         "targets": analysis.to_dict()["targets"],
         "by_thirds": by_thirds(analysis, args.frames),

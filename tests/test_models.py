@@ -189,7 +189,8 @@ def test_word_forms_pair_a_word_with_its_spaced_form():
     forms = WordForms.from_tokenizer(tok)
     wex, spaced_wex, ing, dot = tok.convert_tokens_to_ids(["Wex", "\u0120Wex", "ing", "."])
     # a caption's first word and the same word later on are two tokens
-    assert tok.encode("Wex waves at Wex.", add_special_tokens=False) == [wex, *tok.encode(" waves at", add_special_tokens=False), spaced_wex, dot]
+    middle = tok.encode(" waves at", add_special_tokens=False)
+    assert tok.encode("Wex waves at Wex.", add_special_tokens=False) == [wex, *middle, spaced_wex, dot]
     assert forms.twin[wex] == spaced_wex and forms.twin[spaced_wex] == wex
     assert {wex, spaced_wex} <= forms.word_starts
     assert not {ing, dot} & forms.word_starts  # inner pieces and punctuation never start a word
