@@ -192,11 +192,11 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         return logic.model_report(holder)
 
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None):
+                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None, candidates=0):
         """All generation settings at once (0 or empty means the preset's default; for the seed too; for
         ``no_repeat`` only empty does, 0 turns it off)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
-                                repetition or None, no_repeat, scope or None)
+                                repetition or None, no_repeat, scope or None, candidates or None)
 
     with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -263,6 +263,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
                 guidance = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="Guidance (0: preset default)")
                 scheduler = gr.Dropdown(SCHEDULERS, value=None, label="Scheduler (empty: preset default)")
+                candidates = gr.Slider(0, 8, value=0, step=1,
+                                       label="Pictures painted per frame, the truest kept (0: preset default)")
             with gr.Row():
                 mode = gr.Radio(["window", "sink", "recompute"], value="window", label="Context")
                 window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
@@ -277,7 +279,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_story_btn = gr.Button("Load session")
 
         settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat,
-                    scope]
+                    scope, candidates]
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

@@ -41,6 +41,7 @@ class UISettings:
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
     no_repeat_captions: Optional[int] = None  # 0 = off; None/empty = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
+    candidates: Optional[int] = None  # pictures painted per frame, the closest kept; None/0 = the preset's
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -57,6 +58,7 @@ class UISettings:
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
             no_repeat_captions=int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else None,
             repetition_scope=self.repetition_scope or None,
+            candidates=int(self.candidates) if self.candidates else None,
         )
 
 

@@ -79,6 +79,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 REPETITION_SCOPES = ("tokens", "words", "word_starts")
+MAX_CANDIDATES = 16  # pictures painted per frame at most (GenerationSettings.candidates)
 
 
 @dataclass
@@ -107,6 +108,10 @@ class GenerationSettings:
     # drawn again (up to engine.CAPTION_RETRIES more times); 0 = off. The token penalty above only sees the
     # previous caption, so small models fall into two-frame loops (A, B, A, B, ...) without this.
     no_repeat_captions: int = 0
+    # Pictures painted per frame (seeds seed, seed+1, ...); the one the visual tokenizer reads back closest to
+    # the features it was painted from is kept, as DALL-E reranked its samples with CLIP. 1 = off. They are
+    # painted as one batch: k times the de-tokenizer's work and memory.
+    candidates: int = 1
     max_frames: int = 50
 
     @classmethod
@@ -137,6 +142,7 @@ class GenerationSettings:
             (self.repetition_scope in REPETITION_SCOPES,
              f"repetition_scope must be one of {', '.join(REPETITION_SCOPES)}"),
             (0 <= self.no_repeat_captions <= 100, "no_repeat_captions must be between 0 (off) and 100"),
+            (1 <= self.candidates <= MAX_CANDIDATES, f"candidates must be between 1 (off) and {MAX_CANDIDATES}"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),
             (self.width is None or (self.width >= 8 and self.width % 8 == 0), "width must be a multiple of 8"),

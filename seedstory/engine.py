@@ -322,7 +322,8 @@ class StoryEngine:
     def _paint(self, features, seed, settings, progress=None) -> Image.Image:
         if progress:
             progress("painting image", 0.5)
-        callback = (lambda i, n: progress("painting image", 0.5 + 0.5 * (i + 1) / n)) if progress else None
+        # The de-tokenizer counts its steps from 1: step n of n is the whole picture.
+        callback = (lambda i, n: progress("painting image", 0.5 + 0.5 * i / n)) if progress else None
         return self.pipe.paint(features, seed=seed, settings=settings, callback=callback)
 
     def _add(self, tree: StoryTree, parent: Optional[int], text, image, features, token_ids, seed, settings, origin,

@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 from dataclasses import asdict
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -149,22 +149,42 @@ class SeedStoryPipeline:
         settings: Optional[GenerationSettings] = None,
         callback=None,
     ) -> Image.Image:
-        """Features [1, n, D] -> one PIL image, through the de-tokenizer with the zero-image negative."""
+        """Features [1, n, D] -> one PIL image, through the de-tokenizer with the zero-image negative.
+
+        With ``settings.candidates`` = k > 1, k pictures are painted (seeds seed .. seed+k-1, one batch) and
+        the one whose re-encoded features are closest to ``features`` is returned (``closest_picture``);
+        candidate 0 is the picture k = 1 paints."""
         s = settings or self.settings
+        seed = s.seed if seed is None else seed
+        k = s.candidates
         negative = self.negative_features()  # before the de-tokenizer takes the GPU
         with self._running(self.detokenizer) as detok:
             dev, dt = detok.unet.device, detok.unet.dtype
-            return detok.generate(
-                features.to(dev, dt),
+            pictures = detok.generate(
+                features.to(dev, dt).expand(k, -1, -1),
                 negative_features=negative.to(dev, dt),
                 num_inference_steps=s.num_inference_steps,
                 guidance_scale=s.guidance_scale,
                 height=s.height,
                 width=s.width,
-                seed=s.seed if seed is None else seed,
+                seed=seed if k == 1 or seed is None else [seed + i for i in range(k)],
                 scheduler=s.scheduler,
                 callback=callback,
-            )[0]
+            )
+        return pictures[0] if k == 1 else pictures[self.closest_picture(features, pictures)]
+
+    @torch.no_grad()
+    def picture_scores(self, features: torch.Tensor, pictures: Sequence[Image.Image]) -> list[float]:
+        """How well each picture shows ``features`` [1, n, D]: the cosine between the features the visual
+        tokenizer reads back from the picture and ``features``, all n tokens as one vector."""
+        target = features.float().cpu().flatten()
+        return [float(torch.nn.functional.cosine_similarity(self.encode_image(p).flatten(), target, dim=0))
+                for p in pictures]
+
+    def closest_picture(self, features: torch.Tensor, pictures: Sequence[Image.Image]) -> int:
+        """Index of the picture that shows ``features`` best (the first of equals)."""
+        scores = self.picture_scores(features, pictures)
+        return max(range(len(scores)), key=scores.__getitem__)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:

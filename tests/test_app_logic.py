@@ -105,9 +105,6 @@ def test_next_frames_yields_one_by_one(holder, ui, picture):
     assert any(stage.startswith("frame 3/3: painting image") for stage, _ in stages)
 
 
-@pytest.mark.xfail(strict=True, reason="StoryEngine._paint adds 1 to the de-tokenizer's step, which already counts "
-                                       "from 1: painting progress overshoots (1.125 of a frame), so the bar goes "
-                                       "backwards between frames and past 100% at the end")
 def test_next_frames_progress_is_monotonic_within_0_1(holder, ui, picture):
     s = logic.StorySession()
     logic.start_story(s, holder, picture, OPENING, ui)
@@ -509,3 +506,10 @@ def test_text_decoding_defaults_to_the_presets_own():
     assert logic.UISettings(repetition_scope="tokens").generation(base).repetition_scope == "tokens"
     with pytest.raises(Exception, match="repetition_scope must be one of tokens, words, word_starts"):
         logic.UISettings(repetition_scope="letters").generation(base)
+    # pictures per frame: 0/empty keeps the preset's, a count over the limit is refused clearly
+    base = base.replace(candidates=3)
+    assert logic.UISettings().generation(base).candidates == 3
+    assert logic.UISettings(candidates=0).generation(base).candidates == 3
+    assert logic.UISettings(candidates=1.0).generation(base).candidates == 1
+    with pytest.raises(Exception, match="candidates must be between 1 .off. and 16"):
+        logic.UISettings(candidates=17).generation(base)

@@ -82,8 +82,9 @@ def test_same_seed_same_story(story_dir, workdir, opening_png):
         (["--sample", "--seed", "5", "--steps", "1"], {"do_sample": True, "seed": 5, "num_inference_steps": 1}),
         (["--sample", "--no-repeat-captions", "2"], {"do_sample": True, "no_repeat_captions": 2}),
         (["--repetition-scope", "words"], {"repetition_scope": "words"}),
+        (["--candidates", "2", "--steps", "1"], {"candidates": 2, "num_inference_steps": 1}),
     ],
-    ids=["sink-window2", "recompute-window2", "sample", "no-repeat", "scope"],
+    ids=["sink-window2", "recompute-window2", "sample", "no-repeat", "scope", "candidates"],
 )
 def test_generate_options(flags, want, workdir, opening_png, capsys):
     out = workdir / ("opt_" + "_".join(f.strip("-") for f in flags))

@@ -209,3 +209,34 @@ def test_every_export_format_opens(engine, opening_image, tmp_path):
         names = zf.namelist()
         assert "story.txt" in names and sum(n.endswith(".png") for n in names) == 3
         Image.open(io.BytesIO(zf.read("frame_000.png"))).verify()
+
+
+def test_candidates_keep_the_picture_that_shows_the_features_best(tiny_pipeline, opening_image, monkeypatch):
+    pipe = tiny_pipeline
+    feats = pipe.encode_image(opening_image)
+    one = pipe.settings.replace(num_inference_steps=2, candidates=1)
+    singles = [np.asarray(pipe.paint(feats, seed=7 + i, settings=one), np.int16) for i in range(3)]
+    assert np.abs(singles[0] - singles[1]).max() > 10  # the candidates differ
+
+    # The score reads a picture back through the visual tokenizer: the picture itself scores ~1, a blank one less.
+    same, blank = pipe.picture_scores(feats, [opening_image, Image.new("RGB", opening_image.size, (128, 128, 128))])
+    assert same == pytest.approx(1.0, abs=1e-4) and blank < same
+
+    three = one.replace(candidates=3)
+    real = pipe.picture_scores(feats, [Image.fromarray(x.astype(np.uint8)) for x in singles])
+    kept = np.asarray(pipe.paint(feats, seed=7, settings=three), np.int16)
+    assert np.abs(kept - singles[int(np.argmax(real))]).max() <= 2  # painted in one batch, seeds 7, 8, 9
+    for best in (2, 0):  # whichever candidate scores best is kept
+        monkeypatch.setattr(pipe, "picture_scores", lambda f, pics, b=best: [float(i == b) for i in range(len(pics))])
+        kept = np.asarray(pipe.paint(feats, seed=7, settings=three), np.int16)
+        assert np.abs(kept - singles[best]).max() <= 2
+
+
+def test_candidates_are_recorded_and_reach_the_painter(engine, opening_image, monkeypatch):
+    tree = engine.start(opening_image, "A robot learns to paint.")
+    counts = []
+    paint = engine.pipe.paint
+    monkeypatch.setattr(engine.pipe, "paint", lambda f, seed=None, settings=None, callback=None: (
+        counts.append(settings.candidates), paint(f, seed=seed, settings=settings, callback=callback))[1])
+    frame = engine.step(tree, settings=engine.pipe.settings.replace(candidates=2, num_inference_steps=1))
+    assert counts == [2] and frame.settings["candidates"] == 2
