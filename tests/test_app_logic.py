@@ -485,31 +485,18 @@ def test_text_decoding_defaults_to_the_presets_own():
     assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 1.3, 0.5)
     with pytest.raises(ValueError, match="unknown text decoding"):
         logic.UISettings(decoding="beam").generation(base)
-    # the repetition penalty: 0/None keeps the preset's, 1 turns it off, a value below 1 is refused clearly
-    base = base.replace(repetition_penalty=1.3)
-    assert logic.UISettings().generation(base).repetition_penalty == 1.3
-    assert logic.UISettings(repetition_penalty=0).generation(base).repetition_penalty == 1.3
-    assert logic.UISettings(repetition_penalty=1.0).generation(base).repetition_penalty == 1.0
-    with pytest.raises(Exception, match="repetition_penalty must be between 1"):
-        logic.UISettings(repetition_penalty=0.5).generation(base)
-    # no_repeat_captions: empty keeps the preset's, 0 turns it off, a negative count is refused clearly
-    base = base.replace(no_repeat_captions=4)
-    assert logic.UISettings().generation(base).no_repeat_captions == 4
-    assert logic.UISettings(no_repeat_captions=0).generation(base).no_repeat_captions == 0
-    assert logic.UISettings(no_repeat_captions=2.0).generation(base).no_repeat_captions == 2
-    with pytest.raises(Exception, match="no_repeat_captions must be between 0"):
-        logic.UISettings(no_repeat_captions=-1).generation(base)
-    # what the penalty counts as a repeat: empty keeps the preset's, an unknown scope is refused clearly
-    base = base.replace(repetition_scope="word_starts")
-    assert logic.UISettings().generation(base).repetition_scope == "word_starts"
-    assert logic.UISettings(repetition_scope="").generation(base).repetition_scope == "word_starts"
-    assert logic.UISettings(repetition_scope="tokens").generation(base).repetition_scope == "tokens"
-    with pytest.raises(Exception, match="repetition_scope must be one of tokens, words, word_starts"):
-        logic.UISettings(repetition_scope="letters").generation(base)
-    # pictures per frame: 0/empty keeps the preset's, a count over the limit is refused clearly
-    base = base.replace(candidates=3)
-    assert logic.UISettings().generation(base).candidates == 3
-    assert logic.UISettings(candidates=0).generation(base).candidates == 3
-    assert logic.UISettings(candidates=1.0).generation(base).candidates == 1
-    with pytest.raises(Exception, match="candidates must be between 1 .off. and 16"):
-        logic.UISettings(candidates=17).generation(base)
+    # Each field: (preset's value, [(what the widget holds, the setting it gives)], a refused value, its message).
+    # Empty keeps the preset's; 0 keeps it too where 0 means nothing, and turns the guard off where it does.
+    fields = {
+        "repetition_penalty": (1.3, [(None, 1.3), (0, 1.3), (1.0, 1.0)], 0.5, "repetition_penalty must be between 1"),
+        "no_repeat_captions": (4, [(None, 4), (0, 0), (2.0, 2)], -1, "no_repeat_captions must be between 0"),
+        "repetition_scope": ("word_starts", [(None, "word_starts"), ("", "word_starts"), ("tokens", "tokens")],
+                             "letters", "repetition_scope must be one of tokens, words, word_starts"),
+        "candidates": (3, [(None, 3), (0, 3), (1.0, 1)], 17, "candidates must be between 1 .off. and 16"),
+    }
+    for name, (preset, cases, bad, message) in fields.items():
+        base = base.replace(**{name: preset})
+        for held, want in cases:
+            assert getattr(logic.UISettings(**{name: held}).generation(base), name) == want, (name, held)
+        with pytest.raises(Exception, match=message):
+            logic.UISettings(**{name: bad}).generation(base)
