@@ -264,7 +264,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 guidance = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="Guidance (0: preset default)")
                 scheduler = gr.Dropdown(SCHEDULERS, value=None, label="Scheduler (empty: preset default)")
                 candidates = gr.Slider(0, 8, value=0, step=1,
-                                       label="Pictures painted per frame, the truest kept (0: preset default)")
+                                       label="Pictures painted per frame, the closest to the agent's features kept "
+                                             "(0: preset default)")
             with gr.Row():
                 mode = gr.Radio(["window", "sink", "recompute"], value="window", label="Context")
                 window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
