@@ -236,7 +236,11 @@ def test_candidates_are_recorded_and_reach_the_painter(engine, opening_image, mo
     tree = engine.start(opening_image, "A robot learns to paint.")
     counts = []
     paint = engine.pipe.paint
-    monkeypatch.setattr(engine.pipe, "paint", lambda f, seed=None, settings=None, callback=None: (
-        counts.append(settings.candidates), paint(f, seed=seed, settings=settings, callback=callback))[1])
+
+    def counting_paint(features, seed=None, settings=None, callback=None):
+        counts.append(settings.candidates)
+        return paint(features, seed=seed, settings=settings, callback=callback)
+
+    monkeypatch.setattr(engine.pipe, "paint", counting_paint)
     frame = engine.step(tree, settings=engine.pipe.settings.replace(candidates=2, num_inference_steps=1))
     assert counts == [2] and frame.settings["candidates"] == 2
