@@ -1,7 +1,7 @@
 """Stage 0 (small models from scratch only): train the de-tokenizer's VAE on the story images.
 
 The release uses SDXL's VAE as is; a small demo model has no such thing to borrow, so it learns its own
-autoencoder first: L1 reconstruction with a small KL term, on random crops (the
+autoencoder first: L1 (+ optionally MSE) reconstruction with a small KL term, on random crops (the
 VAE is fully convolutional, so it is trained on crops and used on whole frames). The rest of the
 pipeline is copied through unchanged and exported with the new VAE.
 
@@ -26,18 +26,23 @@ from .common import (
 
 
 class AutoencoderObjective(nn.Module):
-    """reconstruction L1 + kl_weight * KL(q(z|x) || N(0, I)), per element."""
+    """reconstruction L1 + mse_weight * MSE + kl_weight * KL(q(z|x) || N(0, I)), per element.
 
-    def __init__(self, vae, kl_weight: float):
+    L1 pushes every wrong pixel equally hard, so a few badly wrong pixels (a small accessory drawn in the
+    body's colour) weigh no more than many slightly wrong ones; the squared term pushes in proportion to the
+    error and so makes small details count."""
+
+    def __init__(self, vae, kl_weight: float, mse_weight: float = 0.0):
         super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
+        self.vae, self.kl_weight, self.mse_weight = vae, kl_weight, mse_weight
 
     def forward(self, images: torch.Tensor) -> dict:
         posterior = self.vae.encode(images).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        rec = F.l1_loss(recon.float(), images.float())
+        l1 = F.l1_loss(recon.float(), images.float())
+        mse = F.mse_loss(recon.float(), images.float())
         kl = posterior.kl().mean() / images[0].numel()
-        return {"loss": rec + self.kl_weight * kl, "l1": rec, "kl": kl}
+        return {"loss": l1 + self.mse_weight * mse + self.kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
 
 
 def random_crops(images: torch.Tensor, size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -68,7 +73,7 @@ def main(argv=None) -> str:
     pipe = load_pipeline(cfg)
     vae = pipe.detokenizer.vae
     vae.requires_grad_(True)
-    model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)))
+    model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)), float(t.get("mse_weight", 0.0)))
     acc.print(f"vae: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
     dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
