@@ -268,14 +268,16 @@ def test_stage0_vae_loss_falls(world, tmp_path):
     from seedstory.pipeline import SeedStoryPipeline
 
     final = run_stage("stage0_vae", "tiny-stage0.yaml", tmp_path, world, "train.max_steps=60",
-                      "train.mse_weight=2", "train.kl_weight=0")
+                      "train.mse_weight=2", "train.kl_weight=0.01")
     steps, l1 = losses(tmp_path, "l1")
     assert steps == list(range(1, 61))
     assert mean(l1[-6:]) < 0.8 * mean(l1[:6]), l1
-    # the squared term reaches the loss with its weight
+    # each term reaches the loss with its weight
     _, mse = losses(tmp_path, "mse")
+    _, kl = losses(tmp_path, "kl")
     _, total = losses(tmp_path, "loss")
-    assert all(t == pytest.approx(a + 2 * b, rel=1e-4) for t, a, b in zip(total, l1, mse)), (total, l1, mse)
+    assert all(t == pytest.approx(a + 2 * b + 0.01 * c, rel=1e-4)
+               for t, a, b, c in zip(total, l1, mse, kl)), (total, l1, mse, kl)
     before = SeedStoryPipeline.from_preset("tiny").detokenizer.vae
     after = SeedStoryPipeline.from_pretrained(final, device="cpu").detokenizer.vae
     changed = [n for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items())
