@@ -47,6 +47,8 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     for f in files:  # published in fp16: half the size
         with safe_open(f, "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f
+    configs = glob.glob(os.path.join(out, "**", "config.json"), recursive=True)
+    assert configs and not [c for c in configs if str(tmp_path) in open(c).read()]  # no build-machine paths
 
     pipe = SeedStoryPipeline.from_pretrained(out, device="cpu", torch_dtype=torch.float32)
     pipe.settings.num_inference_steps = 2

@@ -13,6 +13,7 @@ The result is written to ``assets/demo-model`` (fp16 safetensors, loaded as fp32
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -120,7 +121,19 @@ def publish(final: str, out: str) -> None:
 
     pipe = SeedStoryPipeline.from_pretrained(final, device="cpu", torch_dtype=torch.float32)
     pipe.to("cpu", torch.float16)
-    write_dir(out, pipe.save_pretrained)
+
+    def save(path: str) -> None:
+        pipe.save_pretrained(path)
+        # diffusers records where each part was loaded from: a path on the build machine, not for shipping.
+        for config in glob.glob(os.path.join(path, "**", "config.json"), recursive=True):
+            with open(config) as f:
+                data = json.load(f)
+            if data.pop("_name_or_path", None) is not None:
+                with open(config, "w") as f:
+                    json.dump(data, f, indent=2, sort_keys=True)
+                    f.write("\n")
+
+    write_dir(out, save)
 
 
 if __name__ == "__main__":
