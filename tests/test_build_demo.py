@@ -3,6 +3,10 @@ from the committed demo configs (one step each here), the result loads, and a re
 import glob
 import json
 import os
+import sys
+import time
+
+import pytest
 
 import torch
 from safetensors import safe_open
@@ -16,12 +20,73 @@ def test_stages_keep_large_blocks_in_the_heap_unless_the_user_chose(monkeypatch)
     seen = []
     monkeypatch.setattr(build_demo.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]))
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     build_demo.run(["true"])
     env = seen[0]
     assert env["MALLOC_MMAP_THRESHOLD_"] == build_demo.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
     assert env["MALLOC_TRIM_THRESHOLD_"] == build_demo.MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
     assert env["MALLOC_TOP_PAD_"] == "0"  # the user's own setting wins
     assert env["PATH"] == os.environ["PATH"]
+    assert "OMP_WAIT_POLICY" not in env  # a stage alone keeps OpenMP's default
+    assert build_demo.stage_env(shared_cpu=True)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert build_demo.stage_env(shared_cpu=True)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def _stage(tmp_path, name, seconds, code=0):
+    """A stand-in stage: records when it ran, in seconds since the epoch, then exits with ``code``."""
+    script = (f"import time, sys; t = time.time(); time.sleep({seconds}); print('{name} step 3/3', flush=True); "
+              f"open(r'{tmp_path / name}.ran', 'w').write(f'{{t}} {{time.time()}}'); sys.exit({code})")
+    return [sys.executable, "-c", script]
+
+
+def _span(tmp_path, name):
+    return tuple(map(float, (tmp_path / f"{name}.ran").read_text().split()))
+
+
+def test_stages_that_do_not_need_each_other_run_side_by_side(tmp_path, monkeypatch):
+    seen_env = []
+    popen = build_demo.subprocess.Popen
+
+    def spy(cmd, **kw):
+        seen_env.append(kw["env"])
+        return popen(cmd, **kw)
+
+    monkeypatch.setattr(build_demo.subprocess, "Popen", spy)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    commands = {"a": _stage(tmp_path, "a", 0.3), "b": _stage(tmp_path, "b", 1.0), "c": _stage(tmp_path, "c", 1.0),
+                "d": _stage(tmp_path, "d", 0.1)}
+    needs = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}}
+    timings = {}
+    build_demo.run_stages(commands, needs, 2, str(tmp_path / "work"), timings)
+
+    a, b, c, d = (_span(tmp_path, n) for n in "abcd")
+    assert a[1] <= b[0] and a[1] <= c[0]          # b and c wait for a ...
+    assert b[0] < c[1] and c[0] < b[1]            # ... and run at the same time
+    assert d[0] >= max(b[1], c[1])                # d waits for both
+    assert set(timings) == set("abcd") and timings["b"] >= 1.0
+    # side by side, each writes to its own log with OpenMP's threads told to sleep, not spin, while waiting
+    assert "b step 3/3" in (tmp_path / "work" / "b.log").read_text()
+    assert build_demo.last_progress(str(tmp_path / "work" / "c.log")) == "c step 3/3"
+    assert not (tmp_path / "work" / "a.log").exists() and not (tmp_path / "work" / "d.log").exists()
+    assert [env.get("OMP_WAIT_POLICY") for env in seen_env] == [None, "PASSIVE", "PASSIVE", None]
+
+    for name in "abcd":
+        (tmp_path / f"{name}.ran").unlink()
+    build_demo.run_stages(commands, needs, 1, str(tmp_path / "work1"), {})  # --jobs 1: one after the other
+    b, c = _span(tmp_path, "b"), _span(tmp_path, "c")
+    assert b[1] <= c[0]
+    assert all("OMP_WAIT_POLICY" not in env for env in seen_env[4:])
+
+
+def test_a_failed_stage_stops_the_build_and_the_stage_beside_it(tmp_path):
+    commands = {"a": _stage(tmp_path, "a", 0.0, code=3), "b": _stage(tmp_path, "b", 30.0), "c": _stage(tmp_path, "c", 0)}
+    needs = {"a": set(), "b": set(), "c": {"a"}}
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"a failed \(exit status 3\).*a\.log"):
+        build_demo.run_stages(commands, needs, 2, str(tmp_path / "work"), {})
+    assert time.time() - start < 20  # b was stopped, not waited for
+    assert not (tmp_path / "b.ran").exists() and not (tmp_path / "c.ran").exists()
 
 
 def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
@@ -61,4 +126,5 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     build_demo.main(args)  # everything exists: nothing is trained again
     again = capsys.readouterr().out
     assert all(f"{stage}: done" in again for stage, *_ in build_demo.STAGES)
+    assert (tmp_path / "work" / "stage1.log").is_file() and (tmp_path / "work" / "stage2.log").is_file()
     assert set(json.loads((tmp_path / "work" / "build_timings.json").read_text())) == {"total"}
