@@ -58,10 +58,11 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": 
               "MALLOC_TOP_PAD_": "268435456"}
 
 
-# Two CPU stages at once: OpenMP threads that spin while they wait for work would take the other stage's core
-# (stages 1 and 2 side by side, 2 threads each: 279 and 269 s for 20 and 30 steps, against 85 and 94 s one
-# after the other); passive ones sleep (135 and 140 s: 1.28x the work per second), each stage keeps its
-# thread count (the same weights, bit for bit) and takes both cores once the other is done.
+# Two CPU stages at once: OpenMP threads that spin while they wait for work take the other stage's core
+# (stages 1 and 2 side by side, 2 threads each, 20 and 30 steps: 279 and 269 s, against 85 and 94 s one after
+# the other); passive ones sleep (the pair in 143 and 136 s against 163 and 178 s, build_demo --jobs 2 vs 1,
+# twice each: 1.22x), each stage keeps its thread count (the same weights, bit for bit) and takes both cores
+# once the other is done.
 SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
