@@ -268,7 +268,7 @@ def test_stage0_vae_loss_falls(world, tmp_path):
     from seedstory.pipeline import SeedStoryPipeline
 
     final = run_stage("stage0_vae", "tiny-stage0.yaml", tmp_path, world, "train.max_steps=60",
-                      "train.mse_weight=2", "train.kl_weight=0.01")
+                      "train.mse_weight=2", "train.kl_weight=0.01", "train.detail_weight=10")
     steps, l1 = losses(tmp_path, "l1")
     assert steps == list(range(1, 61))
     assert mean(l1[-6:]) < 0.8 * mean(l1[:6]), l1
@@ -283,6 +283,46 @@ def test_stage0_vae_loss_falls(world, tmp_path):
     changed = [n for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items())
                if not torch.equal(a, b)]
     assert changed  # the trained VAE was exported with the rest of the pipeline
+
+
+class _IdentityVAE:
+    """encode/decode stand-in: the latent is the image, the decoder adds a fixed error."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def encode(self, x):
+        import torch
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: x, kl=lambda: torch.zeros(x.shape[0])))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z + self.error)
+
+
+def test_detail_weights_make_errors_on_small_things_count_more():
+    import torch
+
+    from training.stage0_vae import AutoencoderObjective, detail_weights
+
+    image = torch.full((1, 3, 64, 64), 0.6)  # a flat background...
+    image[:, :, 30:34, 30:34] = -0.7  # ...with one small dark thing on it
+    w = detail_weights(image, 10)
+    assert w.shape == (1, 1, 64, 64) and float(w.mean()) == pytest.approx(1.0)
+    assert float(w[0, 0, 31, 31]) > 3 * float(w[0, 0, 5, 5])
+    assert torch.allclose(detail_weights(image, 0), torch.ones_like(w))
+    # the same error (16 pixels off by 0.5) on the small thing or on the flat background
+    on_thing, on_flat = torch.zeros_like(image), torch.zeros_like(image)
+    on_thing[:, :, 30:34, 30:34] = 0.5
+    on_flat[:, :, 5:9, 5:9] = 0.5
+    for term in ("l1", "mse"):
+        plain = [float(AutoencoderObjective(_IdentityVAE(e), 0.0, 1.0)(image)[term]) for e in (on_thing, on_flat)]
+        weighted = [float(AutoencoderObjective(_IdentityVAE(e), 0.0, 1.0, 10.0)(image)[term]) for e in (on_thing, on_flat)]
+        assert plain[0] == pytest.approx(plain[1])
+        assert weighted[0] > 3 * weighted[1], (term, weighted)
 
 
 def test_text_tokenizer_on_world_captions(world, tmp_path):

@@ -1,7 +1,8 @@
 """Stage 0 (small models from scratch only): train the de-tokenizer's VAE on the story images.
 
 The release uses SDXL's VAE as is; a small demo model has no such thing to borrow, so it learns its own
-autoencoder first: L1 (+ optionally MSE) reconstruction with a small KL term, on random crops (the
+autoencoder first: L1 (+ optionally MSE) reconstruction with a small KL term, optionally weighted towards
+small details, on random crops (the
 VAE is fully convolutional, so it is trained on crops and used on whole frames). The rest of the
 pipeline is copied through unchanged and exported with the new VAE.
 
@@ -25,22 +26,36 @@ from .common import (
 )
 
 
+def detail_weights(images: torch.Tensor, strength: float, size: int = 9) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + strength * |pixel - mean of its size x size neighbourhood|
+    (averaged over channels), scaled to mean 1 over the batch. Flat areas (sky, ground) weigh about 1; a
+    small thing unlike its surroundings (an accessory, a held prop) weighs more over its whole area, a
+    large one only along its outline."""
+    x = images.float()
+    local = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+    w = 1 + strength * (x - local).abs().mean(1, keepdim=True)
+    return w / w.mean()
+
+
 class AutoencoderObjective(nn.Module):
-    """reconstruction L1 + mse_weight * MSE + kl_weight * KL(q(z|x) || N(0, I)), per element.
+    """reconstruction L1 + mse_weight * MSE + kl_weight * KL(q(z|x) || N(0, I)), per element; with
+    detail_weight > 0 both reconstruction terms are weighted per pixel by ``detail_weights``.
 
     L1 pushes every wrong pixel equally hard, so a few badly wrong pixels (a small accessory drawn in the
     body's colour) weigh no more than many slightly wrong ones; the squared term pushes in proportion to the
-    error and so makes small details count."""
+    error, and the detail weights push hardest where the picture's small things are."""
 
-    def __init__(self, vae, kl_weight: float, mse_weight: float = 0.0):
+    def __init__(self, vae, kl_weight: float, mse_weight: float = 0.0, detail_weight: float = 0.0):
         super().__init__()
-        self.vae, self.kl_weight, self.mse_weight = vae, kl_weight, mse_weight
+        self.vae, self.kl_weight, self.mse_weight, self.detail_weight = vae, kl_weight, mse_weight, detail_weight
 
     def forward(self, images: torch.Tensor) -> dict:
         posterior = self.vae.encode(images).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        l1 = F.l1_loss(recon.float(), images.float())
-        mse = F.mse_loss(recon.float(), images.float())
+        error = recon.float() - images.float()
+        w = detail_weights(images, self.detail_weight) if self.detail_weight else 1.0
+        l1 = (error.abs() * w).mean()
+        mse = (error.square() * w).mean()
         kl = posterior.kl().mean() / images[0].numel()
         return {"loss": l1 + self.mse_weight * mse + self.kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
 
@@ -73,7 +88,8 @@ def main(argv=None) -> str:
     pipe = load_pipeline(cfg)
     vae = pipe.detokenizer.vae
     vae.requires_grad_(True)
-    model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)), float(t.get("mse_weight", 0.0)))
+    model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)), float(t.get("mse_weight", 0.0)),
+                                 float(t.get("detail_weight", 0.0)))
     acc.print(f"vae: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
     dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
