@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from seedstory.data import synthetic as S
 from seedstory.eval import synthetic as E
@@ -123,3 +124,26 @@ def test_the_apps_world_examples_are_faithful_openings():
             scene = S.detect(im.convert("RGB"))
         assert S.parse_caption(text) is not None, text
         assert S.caption_agrees(text, scene) == [], (path, text)
+
+
+def test_next_frame_check_runs_on_the_tiny_preset(world_data):
+    result = E.predict(*world_data, preset="tiny", frames=3, window=2, progress=False)
+    assert result["frames"] == 3
+    assert result["scene_exact"] == 0.0 and len(result["examples"]) == 3
+    # an opening is never predicted: every example is a later frame of its story
+    assert all(int(e["frame"].rsplit("/", 1)[1]) >= 1 for e in result["examples"])
+    with pytest.raises(ValueError, match="window"):
+        E.predict(*world_data, preset="tiny", frames=1, window=0, progress=False)
+
+
+def test_predicted_features_come_from_the_story_so_far(world_data):
+    """Teacher-forced features depend on the frames before the predicted one, and match the agent's shape."""
+    from seedstory.pipeline import SeedStoryPipeline
+
+    pipe = SeedStoryPipeline.from_preset("tiny")
+    _, frames, _ = next(E.dataset_stories(*world_data))
+    caps, ims = [c for c, _ in frames[:3]], [im for _, im in frames[:3]]
+    a = E.predicted_features(pipe, caps, ims)
+    b = E.predicted_features(pipe, caps, [ims[1], ims[0], ims[2]])
+    assert a.shape == pipe.encode_image(ims[0]).shape
+    assert not torch.allclose(a, b)

@@ -6,6 +6,7 @@ judge model.
     python -m seedstory.eval.synthetic truth VAL.jsonl --images ROOT     # the data itself (must score ~100%)
     python -m seedstory.eval.synthetic self-check VAL.jsonl --images ROOT  # ground truth vs corrupted frames
     python -m seedstory.eval.synthetic reconstruct VAL.jsonl --images ROOT --preset demo  # stage-1 fidelity
+    python -m seedstory.eval.synthetic predict VAL.jsonl --images ROOT --preset demo      # the agent's next frame
 
 What is measured, over the frames after the opening (the opening is the user's, not the model's):
 
@@ -21,6 +22,8 @@ What is measured, over the frames after the opening (the opening is the user's, 
 * **reconstruction fidelity** (``reconstruct``) — held-out frames through the visual tokenizer and the
   de-tokenizer (stage 1, no agent): the redrawn scene (setting, who stands where holding what, props on the
   ground) read back and compared with the frame's ground truth.
+* **next-frame fidelity** (``predict``) — the same, from the features the agent predicts for a held-out frame
+  given the real story before it and the frame's caption: the agent's share of what goes wrong in stories.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..data import synthetic as S
@@ -334,6 +338,43 @@ def _caught(name: str, before: tuple, frame: tuple, world: dict, metric: str) ->
 
 
 # ============================================================================================= reconstruction
+class _SceneTally:
+    """Redrawn frames read back and compared with their ground truth (``reconstruct`` and ``predict``)."""
+
+    def __init__(self, world: Optional[dict]):
+        self.world, self.counts, self.examples = world, Counter(), []
+
+    def add(self, key: str, redrawn: Image.Image, truth: dict) -> None:
+        got, want = S.detect(redrawn, self.world), S.truth_scene(truth)
+        diffs = S.scene_diff(want, got)
+        c = self.counts
+        c["frames"] += 1
+        c["exact"] += not diffs
+        c["setting"] += got["setting"] == want["setting"]
+        w = {f["position"]: f["name"] for f in want["characters"]}
+        g = {f["position"]: f["name"] for f in got["characters"]}
+        c["characters"] += sum(g.get(p) == n for p, n in w.items())
+        c["characters_total"] += len(w)
+        c["extra_figures"] += sum(1 for p in g if p not in w)
+        if diffs and len(self.examples) < 10:
+            self.examples.append({"frame": key, "diffs": diffs})
+
+    def result(self) -> dict:
+        c = self.counts
+        n = max(1, c["frames"])
+        return {"frames": c["frames"], "scene_exact": c["exact"] / n, "setting": c["setting"] / n,
+                "characters": c["characters"] / max(1, c["characters_total"]),
+                "extra_figures_per_frame": c["extra_figures"] / n, "examples": self.examples}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame")
+
+
 def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
                 seed: int = 0, world: Optional[dict] = None, progress: bool = True) -> dict:
     """Stage-1 fidelity: ``frames`` held-out frames (spread over the file's stories) through the visual
@@ -346,36 +387,63 @@ def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[li
         for k, ((_, im), t) in enumerate(zip(fr, truths)):
             items.append((f"{name}/{k}", im, t))
     order = np.random.default_rng(seed).permutation(len(items))[:frames]
-    counts = Counter()
-    examples = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(order), desc="reconstruct", unit="frame")
+    tally, bar = _SceneTally(world), _progress(len(order), "reconstruct", progress)
     for j in order:
         key, image, truth = items[int(j)]
-        redrawn = pipe.paint(pipe.encode_image(image), seed=seed + int(j))
-        got, want = S.detect(redrawn, world), S.truth_scene(truth)
-        diffs = S.scene_diff(want, got)
-        counts["frames"] += 1
-        counts["exact"] += not diffs
-        counts["setting"] += got["setting"] == want["setting"]
-        w = {c["position"]: c["name"] for c in want["characters"]}
-        g = {c["position"]: c["name"] for c in got["characters"]}
-        counts["characters"] += sum(g.get(p) == n for p, n in w.items())
-        counts["characters_total"] += len(w)
-        counts["extra_figures"] += sum(1 for p in g if p not in w)
-        if diffs and len(examples) < 10:
-            examples.append({"frame": key, "diffs": diffs})
+        tally.add(key, pipe.paint(pipe.encode_image(image), seed=seed + int(j)), truth)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    n = max(1, counts["frames"])
-    return {"frames": counts["frames"], "scene_exact": counts["exact"] / n, "setting": counts["setting"] / n,
-            "characters": counts["characters"] / max(1, counts["characters_total"]),
-            "extra_figures_per_frame": counts["extra_figures"] / n, "examples": examples}
+    return tally.result()
+
+
+@torch.no_grad()
+def predicted_features(pipe, captions: Sequence[str], images: Sequence[Image.Image]) -> torch.Tensor:
+    """The agent's features for the last frame given the real frames before it and the last caption
+    (teacher forcing, through the training serializer): [1, n_queries, D], fp32 on the CPU."""
+    from ..data.datasets import collate_story_samples
+
+    encoded = pipe.prompt.training_sample(list(captions), len(captions) - 2)
+    if encoded is None:
+        raise ValueError("the frames do not fit the prompt")
+    agent = pipe.agent
+    image_embeds = torch.cat([pipe.encode_image(im) for im in images])  # [n_images, n_queries, D]
+    sample = dict(encoded.as_dict(), pixel_values=image_embeds)
+    batch = collate_story_samples([sample], pad_id=pipe.prompt.eos_id)
+    image_embeds = batch.pop("pixel_values").to(agent.device, agent.dtype)
+    out = agent(**{k: v.to(agent.device) for k, v in batch.items()}, image_embeds=image_embeds,
+                return_recon_image_embeds=True)
+    return out["recon_image_embeds"].float().cpu()
+
+
+def predict(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
+            seed: int = 0, window: int = 8, world: Optional[dict] = None, progress: bool = True) -> dict:
+    """The agent's next-frame fidelity: for ``frames`` held-out frames (none an opening), the agent reads the
+    real story before it (up to ``window`` frames: pictures and captions) and the frame's own caption, the
+    de-tokenizer paints the features it predicts, and the scene is read back and compared with the ground
+    truth. Beside ``reconstruct`` (the real features) it tells the agent's errors from the de-tokenizer's."""
+    from ..pipeline import SeedStoryPipeline
+
+    if window < 1:
+        raise ValueError("window must be at least 1 (one real frame before the predicted one)")
+    pipe = SeedStoryPipeline.from_preset(preset, overrides)
+    stories = list(dataset_stories(jsonl, image_root))
+    items = [(si, k) for si, (_, fr, _) in enumerate(stories) for k in range(1, len(fr))]
+    order = np.random.default_rng(seed).permutation(len(items))[:frames]
+    tally, bar = _SceneTally(world), _progress(len(order), "predict", progress)
+    for j in order:
+        si, k = items[int(j)]
+        name, fr, truths = stories[si]
+        first = max(0, k - window)
+        captions, images = [c for c, _ in fr[first:k + 1]], [im for _, im in fr[first:k + 1]]
+        features = predicted_features(pipe, captions, images)
+        tally.add(f"{name}/{k}", pipe.paint(features, seed=seed + int(j)), truths[k])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return tally.result()
 
 
 # ============================================================================================= CLI
@@ -413,6 +481,15 @@ def add_arguments(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--frames", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("predict", help="the agent's next-frame fidelity: real story so far -> agent's features -> "
+                                       "de-tokenizer -> read")
+    p.add_argument("jsonl")
+    p.add_argument("--images", required=True)
+    p.add_argument("--preset", default=None, help="model preset (default: the demo model when present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--frames", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=8, help="real frames before the predicted one (default 8)")
 
 
 def run(args) -> int:
@@ -423,7 +500,7 @@ def run(args) -> int:
             return 1
         report = analyze(saved_stories(args.dir, args.max_frames), world)
         result, text = report.to_dict(), report.markdown()
-    elif args.what in ("truth", "self-check", "reconstruct"):
+    elif args.what in ("truth", "self-check", "reconstruct", "predict"):
         for path in (args.jsonl, args.images):
             if not os.path.exists(path):
                 print(f"error: {path} not found", file=sys.stderr)
@@ -440,9 +517,13 @@ def run(args) -> int:
         else:
             from ..cli import default_preset
 
-            result = reconstruct(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
-                                 args.frames, args.seed, world)
-            text = (f"{result['frames']} frames redrawn: scene exact {result['scene_exact']:.1%}, setting "
+            if args.what == "reconstruct":
+                result = reconstruct(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
+                                     args.frames, args.seed, world)
+            else:
+                result = predict(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
+                                 args.frames, args.seed, args.window, world)
+            text = (f"{result['frames']} frames {'redrawn' if args.what == 'reconstruct' else 'predicted'}: scene exact {result['scene_exact']:.1%}, setting "
                     f"{result['setting']:.1%}, characters {result['characters']:.1%}, extra figures/frame "
                     f"{result['extra_figures_per_frame']:.2f}")
     _write(args.out, result)
