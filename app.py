@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
 from seedstory.cli import default_preset  # noqa: E402
-from seedstory.config import REPETITION_SCOPES, REPO_ROOT, list_presets  # noqa: E402
+from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, REPO_ROOT, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
 
 try:  # On Hugging Face ZeroGPU, GPU-bound calls must be decorated; elsewhere this is a no-op.
@@ -192,11 +192,12 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         return logic.model_report(holder)
 
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None, candidates=0):
+                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None, candidates=0,
+                  context_from=None):
         """All generation settings at once (0 or empty means the preset's default; for the seed too; for
         ``no_repeat`` only empty does, 0 turns it off)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
-                                repetition or None, no_repeat, scope or None, candidates or None)
+                                repetition or None, no_repeat, scope or None, candidates or None, context_from or None)
 
     with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -269,6 +270,9 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
             with gr.Row():
                 mode = gr.Radio(["window", "sink", "recompute"], value="window", label="Context")
                 window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
+                context_from = gr.Dropdown(list(CONTEXT_SOURCES), value=None,
+                                           label="A new frame enters the context as the agent's features or its "
+                                                 "painted picture read back (empty: preset default)")
         with gr.Accordion("Save, load, export", open=False):
             with gr.Row():
                 fmt = gr.Radio(["comic", "html", "pdf", "gif", "zip"], value="comic", label="Export format")
@@ -280,7 +284,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 load_story_btn = gr.Button("Load session")
 
         settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat,
-                    scope, candidates]
+                    scope, candidates, context_from]
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

@@ -42,6 +42,7 @@ class UISettings:
     no_repeat_captions: Optional[int] = None  # 0 = off; None/empty = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
     candidates: Optional[int] = None  # pictures painted per frame, the closest kept; None/0 = the preset's
+    context_from: Optional[str] = None  # features | picture; None/empty = the preset's
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -59,6 +60,7 @@ class UISettings:
             no_repeat_captions=int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else None,
             repetition_scope=self.repetition_scope or None,
             candidates=int(self.candidates) if self.candidates else None,
+            context_from=self.context_from or None,
         )
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .config import REPETITION_SCOPES, list_presets, load_preset, resolve_path
+from .config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets, load_preset, resolve_path
 from .story import StoryError
 
 
@@ -43,6 +43,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--candidates", type=int, metavar="K",
                    help="pictures painted per frame; the one the visual tokenizer reads back closest to the story's "
                         "features is kept (1: off; k times the painting time)")
+    g.add_argument("--context-from", choices=list(CONTEXT_SOURCES),
+                   help="what a new frame puts into the context: features (the agent's own, as the release) or "
+                        "picture (the painted picture read back by the visual tokenizer)")
     g.add_argument("--max-new-tokens", type=int, help="longest text per frame, in tokens")
     g.add_argument("--steps", type=int, help="diffusion steps per image")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -60,7 +63,7 @@ def _settings_from_args(pipe, args):
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, window=args.window, repetition_penalty=args.repetition_penalty,
         repetition_scope=args.repetition_scope, no_repeat_captions=args.no_repeat_captions,
-        candidates=args.candidates,
+        candidates=args.candidates, context_from=args.context_from,
     )
 
 

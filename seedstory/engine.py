@@ -328,8 +328,14 @@ class StoryEngine:
 
     def _add(self, tree: StoryTree, parent: Optional[int], text, image, features, token_ids, seed, settings, origin,
              select=True) -> Frame:
+        """``features``: what the picture was painted from (the opening: its picture's); the context takes them,
+        or with ``settings.context_from == "picture"`` the painted picture read back by the visual tokenizer."""
+        painted_from = None
+        if parent is not None and image is not None and settings.context_from == "picture":
+            painted_from, features = features, self.pipe.encode_image(image)
         frame = Frame(id=tree.new_id(), parent=parent, text=text, image=image, features=features,
-                      token_ids=token_ids, seed=seed, settings=asdict(settings), origin=origin)
+                      painted_from=painted_from, token_ids=token_ids, seed=seed, settings=asdict(settings),
+                      origin=origin)
         return tree.add(frame, select=select)
 
     # -- operations -------------------------------------------------------------------------------------
@@ -400,11 +406,11 @@ class StoryEngine:
         settings = self._settings(settings)
         with self.lock:
             if part == "image":
-                image = self._paint(old.features, seed, settings, progress)
-                frame = self._add(tree, old.parent, old.text, image, old.features, list(old.token_ids), seed,
+                image = self._paint(old.paint_features, seed, settings, progress)
+                frame = self._add(tree, old.parent, old.text, image, old.paint_features, list(old.token_ids), seed,
                                   settings, "regenerated")
                 cached = self.store.get(self._key(tree, old.id))
-                if cached is not None:
+                if cached is not None and torch.equal(frame.features, old.features):  # the same context
                     self.store.put(self._key(tree, frame.id), cached)
                 return frame
             sample = settings if settings.do_sample else settings.replace(do_sample=True)

@@ -2,7 +2,8 @@
 
     story.json              the tree: frames with text, parent, seed, settings, token ids
     frames/<id>.png         one picture per frame
-    features.safetensors    each frame's features (what re-enters the context)
+    features.safetensors    each frame's features (what re-enters the context) and, where they differ,
+                            the features its picture was painted from
 
 Writes are atomic (a temporary sibling, then a rename); a corrupt or foreign file gives a clear
 ``StoryFileError`` and changes nothing.
@@ -51,8 +52,12 @@ def story_to_files(tree: StoryTree, model_name: str = "") -> dict[str, bytes]:
             f.image.save(buf, format="PNG")
             entry["image"] = _frame_png(f)
             files[entry["image"]] = buf.getvalue()
+        # clones: a repainted frame shares its features with the frame it repaints, and safetensors refuses
+        # tensors that share memory
         if f.features is not None:
-            tensors[f"frame_{f.id}"] = f.features.detach().float().cpu().contiguous()
+            tensors[f"frame_{f.id}"] = f.features.detach().float().cpu().clone()
+        if f.painted_from is not None:
+            tensors[f"painted_{f.id}"] = f.painted_from.detach().float().cpu().clone()
         frames.append(entry)
     meta = {"format": STORY_FORMAT, "version": STORY_VERSION, "model": model_name, "roots": tree.roots,
             "current": tree.current, "path": [f.id for f in tree.path()], "frames": frames}
@@ -155,7 +160,8 @@ def load_story(path: str) -> StoryTree:
                     raise StoryFileError(f"{path}: picture {e['image']} is missing")
                 image = load_image(files[e["image"]])
             frame = Frame(id=fid, parent=e.get("parent"), text=str(e["text"]), image=image,
-                          features=tensors.get(f"frame_{fid}"), token_ids=[int(t) for t in e.get("token_ids", [])],
+                          features=tensors.get(f"frame_{fid}"), painted_from=tensors.get(f"painted_{fid}"),
+                          token_ids=[int(t) for t in e.get("token_ids", [])],
                           seed=e.get("seed"), settings=dict(e.get("settings") or {}), origin=str(e.get("origin", "generated")),
                           created=float(e.get("created", 0.0)))
             tree.add(frame, select=False)

@@ -27,6 +27,8 @@ class Frame:
     image: Optional[Image.Image] = field(default=None, repr=False)
     # ViT-space features [1, n, D] (fp32, CPU): what this frame's picture contributes to the context.
     features: Optional[torch.Tensor] = field(default=None, repr=False)
+    # The features the picture was painted from, when they are not ``features`` (``context_from: picture``).
+    painted_from: Optional[torch.Tensor] = field(default=None, repr=False)
     # This frame's ids when it follows another frame: "[INST]" text, then the image block.
     token_ids: list[int] = field(default_factory=list, repr=False)
     seed: Optional[int] = None
@@ -34,6 +36,11 @@ class Frame:
     origin: str = "generated"  # opening | generated | regenerated | edited | branch
     children: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+
+    @property
+    def paint_features(self) -> Optional[torch.Tensor]:
+        """What this frame's picture was painted from (what repainting it starts from)."""
+        return self.painted_from if self.painted_from is not None else self.features
 
 
 class StoryTree:

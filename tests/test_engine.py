@@ -244,3 +244,43 @@ def test_candidates_are_recorded_and_reach_the_painter(engine, opening_image, mo
     monkeypatch.setattr(engine.pipe, "paint", counting_paint)
     frame = engine.step(tree, settings=engine.pipe.settings.replace(candidates=2, num_inference_steps=1))
     assert counts == [2] and frame.settings["candidates"] == 2
+
+
+def test_context_from_picture_feeds_the_painted_picture_back(engine, opening_image, tmp_path):
+    """``context_from: picture``: a new frame enters the context as its painted picture read back, the
+    features it was painted from are kept for repainting, and both survive a save and load."""
+    settings = engine.pipe.settings.replace(context_from="picture", num_inference_steps=2)
+    tree = engine.start(opening_image, "A robot learns to paint.")
+    first = tree.get(tree.current)
+    assert first.painted_from is None  # the opening is the person's picture
+    frame = engine.step(tree, settings=settings)
+    assert torch.allclose(frame.features, engine.pipe.encode_image(frame.image))
+    assert frame.painted_from is not None and not torch.allclose(frame.painted_from, frame.features)
+    assert frame.settings["context_from"] == "picture"
+    # the default (the release's way) keeps the agent's own features in the context
+    plain = engine.step(tree, first.id, settings=settings.replace(context_from="features"))
+    assert plain.painted_from is None and torch.allclose(plain.features, frame.painted_from, atol=1e-4)
+    # the next frame reads the re-encoded picture: its state equals one rebuilt from scratch
+    after = engine.step(tree, frame.id, settings=settings)
+    cached = engine.state_after(tree, after.id)
+    engine.store.drop(lambda key: True)
+    assert torch.allclose(engine.state_after(tree, after.id).logits, cached.logits, atol=1e-4)
+    # repainting starts from the features the picture was painted from, and the context follows the new picture
+    again = engine.regenerate(tree, frame.id, part="image", seed=5, settings=settings)
+    assert torch.equal(again.painted_from, frame.painted_from)
+    assert torch.allclose(again.features, engine.pipe.encode_image(again.image))
+    save_story(tree, str(tmp_path / "s.zip"))
+    loaded = load_story(str(tmp_path / "s.zip")).get(frame.id)
+    assert torch.equal(loaded.painted_from, frame.painted_from) and torch.equal(loaded.features, frame.features)
+    with pytest.raises(Exception, match="context_from"):
+        settings.replace(context_from="pixels")
+
+
+def test_a_story_with_a_repainted_frame_saves_and_loads(engine, opening_image, tmp_path):
+    """A picture-only regeneration shares its features with the frame it repaints; saving must still work."""
+    tree = engine.start(opening_image, "A fox finds a map.")
+    frame = engine.step(tree)
+    again = engine.regenerate(tree, frame.id, part="image", seed=3)
+    save_story(tree, str(tmp_path / "s.zip"))
+    loaded = load_story(str(tmp_path / "s.zip"))
+    assert torch.equal(loaded.get(again.id).features, loaded.get(frame.id).features)
