@@ -134,6 +134,8 @@ def test_next_frame_check_runs_on_the_tiny_preset(world_data):
     assert all(int(e["frame"].rsplit("/", 1)[1]) >= 1 for e in result["examples"])
     with pytest.raises(ValueError, match="window"):
         E.predict(*world_data, preset="tiny", frames=1, window=0, progress=False)
+    jsonl, images = world_data
+    assert E.main(["predict", jsonl, "--images", images, "--preset", "tiny", "--frames", "1", "--window", "1"]) == 0
 
 
 def test_predicted_features_come_from_the_story_so_far(world_data):

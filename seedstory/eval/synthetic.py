@@ -474,23 +474,18 @@ def add_arguments(sub) -> None:
     p.add_argument("--images", required=True)
     p.add_argument("--stories", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("reconstruct", help="stage-1 fidelity: frames -> visual tokenizer -> de-tokenizer -> read")
-    p.add_argument("jsonl")
-    p.add_argument("--images", required=True)
-    p.add_argument("--preset", default=None, help="model preset (default: the demo model when present)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--frames", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("predict", help="the agent's next-frame fidelity: real story so far -> agent's features -> "
-                                       "de-tokenizer -> read")
-    p.add_argument("jsonl")
-    p.add_argument("--images", required=True)
-    p.add_argument("--preset", default=None, help="model preset (default: the demo model when present)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--frames", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    for name, help_text in (
+        ("reconstruct", "stage-1 fidelity: frames -> visual tokenizer -> de-tokenizer -> read"),
+        ("predict", "the agent's next-frame fidelity: real story so far -> agent's features -> de-tokenizer -> read"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("jsonl")
+        p.add_argument("--images", required=True)
+        p.add_argument("--preset", default=None, help="model preset (default: the demo model when present)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--frames", type=int, default=50)
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=8, help="real frames before the predicted one (default 8)")
-
 
 def run(args) -> int:
     world = load_world(getattr(args, "world", None))
