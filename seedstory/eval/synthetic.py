@@ -409,7 +409,7 @@ def predicted_features(pipe, captions: Sequence[str], images: Sequence[Image.Ima
         raise ValueError("the frames do not fit the prompt")
     agent = pipe.agent
     image_embeds = torch.cat([pipe.encode_image(im) for im in images])  # [n_images, n_queries, D]
-    sample = dict(encoded.as_dict(), pixel_values=image_embeds)
+    sample = dict(encoded.as_dict(), pixel_values=image_embeds)  # collated as the training batch's images
     batch = collate_story_samples([sample], pad_id=pipe.prompt.eos_id)
     image_embeds = batch.pop("pixel_values").to(agent.device, agent.dtype)
     out = agent(**{k: v.to(agent.device) for k, v in batch.items()}, image_embeds=image_embeds,
@@ -487,6 +487,7 @@ def add_arguments(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=8, help="real frames before the predicted one (default 8)")
 
+
 def run(args) -> int:
     world = load_world(getattr(args, "world", None))
     if args.what == "stories":
@@ -518,7 +519,8 @@ def run(args) -> int:
             else:
                 result = predict(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                  args.frames, args.seed, args.window, world)
-            text = (f"{result['frames']} frames {'redrawn' if args.what == 'reconstruct' else 'predicted'}: scene exact {result['scene_exact']:.1%}, setting "
+            done = "redrawn" if args.what == "reconstruct" else "predicted"
+            text = (f"{result['frames']} frames {done}: scene exact {result['scene_exact']:.1%}, setting "
                     f"{result['setting']:.1%}, characters {result['characters']:.1%}, extra figures/frame "
                     f"{result['extra_figures_per_frame']:.2f}")
     _write(args.out, result)
