@@ -493,6 +493,8 @@ def test_text_decoding_defaults_to_the_presets_own():
         "repetition_scope": ("word_starts", [(None, "word_starts"), ("", "word_starts"), ("tokens", "tokens")],
                              "letters", "repetition_scope must be one of tokens, words, word_starts"),
         "candidates": (3, [(None, 3), (0, 3), (1.0, 1)], 17, "candidates must be between 1 .off. and 16"),
+        "context_from": ("picture", [(None, "picture"), ("", "picture"), ("features", "features")], "pixels",
+                         "context_from must be one of features, picture"),
     }
     for name, (preset, cases, bad, message) in fields.items():
         base = base.replace(**{name: preset})

@@ -368,11 +368,9 @@ class _SceneTally:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="frame")
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled)
 
 
 def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
@@ -391,10 +389,8 @@ def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[li
     for j in order:
         key, image, truth = items[int(j)]
         tally.add(key, pipe.paint(pipe.encode_image(image), seed=seed + int(j)), truth)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return tally.result()
 
 
@@ -439,10 +435,8 @@ def predict(jsonl: str, image_root: str, preset: str, overrides: Optional[list[s
         captions, images = [c for c, _ in fr[first:k + 1]], [im for _, im in fr[first:k + 1]]
         features = predicted_features(pipe, captions, images)
         tally.add(f"{name}/{k}", pipe.paint(features, seed=seed + int(j)), truths[k])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return tally.result()
 
 
