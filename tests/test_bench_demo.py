@@ -25,7 +25,8 @@ def test_text_only_paints_drafts_and_says_so(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "text only: the pictures are 1-step drafts" in printed and "caption validity" in printed
     result = json.loads((out / "result.json").read_text())
-    assert result["text_only"] and result["stories"] == 1 and result["degeneration"]["frames"] == 2
+    assert result["text_only"] and result["stories"] == 1 and result["counts"]["looped_caption"][1] == 2
+    assert "story logic" in printed and "blank picture" in printed
     (story,) = os.listdir(out / "stories")
     tree = load_story(str(out / "stories" / story))
     made = tree.path(tree.current)[1:]

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
 from seedstory.data import synthetic as S
+from seedstory.data import world as W
+from seedstory.data.story_state import StoryState
 from seedstory.eval import synthetic as E
 from seedstory.storage import save_story
 from seedstory.story import Frame, StoryTree
@@ -38,18 +42,21 @@ def _save(frames, path):
 def test_ground_truth_scores_at_least_98_percent(stories):
     report = E.analyze((n, fr) for n, fr, _ in stories)
     overall = report.overall()
-    for metric in (*E.METRICS, "strict_agreement"):
+    for metric in E.METRICS:
         assert overall[metric] >= 0.98, (metric, report.markdown())
+    assert overall["blank_picture"] == 0.0 and overall["empty_caption"] == 0.0
     counts = report.totals()
-    assert counts["caption_validity"][1] == 8 * 9  # every frame after the opening
+    assert counts["caption_validity"][1] == counts["story_logic"][1] == 8 * 9  # every frame after the opening
     assert counts["character_consistency"][1] > 8 * 9  # one per figure drawn, usually several a frame
+    assert counts["presence"][1] > 8 * 9  # one per character present, usually several a frame
 
 
 def test_corrupted_frames_are_caught(world_data):
     result = E.self_check(*world_data, stories=8, seed=3)
     assert min(result["ground_truth"].values()) >= 0.98
     caught = result["corruptions_caught"]
-    assert set(caught) == {"character_consistency", "setting_consistency", "caption_agreement", "caption_validity"}
+    assert set(caught) == {"character_consistency", "setting_consistency", "caption_agreement", "caption_validity",
+                           "presence", "story_logic"}
     for metric, c in caught.items():
         assert c["tried"] >= 6 and c["caught"] == c["tried"], (metric, c)
 
@@ -66,15 +73,48 @@ def test_each_metric_flags_the_right_frame(stories):
     assert score.rate("setting_consistency") < 1.0
 
     broken = list(frames)
-    broken[i] = ("Then the moon ate a sandwich.", frames[i][1])
+    last = len(frames) - 1  # the story so far cannot be read past a garbled caption: take the last one
+    broken[last] = ("Then the moon ate a sandwich.", frames[last][1])
     score = E.score_story(name, broken, world)
-    assert [(f, m) for f, m, _ in score.problems] == [(i, "caption_validity")]
+    assert {(f, m) for f, m, _ in score.problems} - {(last, "presence")} == {(last, "caption_validity")}
     assert score.rate("caption_validity") == pytest.approx(8 / 9)
 
     # the opening is the user's: a bad opening caption is not the model's fault
     broken = list(frames)
     broken[0] = ("zorp", frames[0][1])
     assert E.score_story(name, broken, world).rate("caption_validity") == 1.0
+
+
+def test_presence_and_story_logic_flag_the_right_frame(stories):
+    """A character the story says is there but left out of the picture, a blank picture, and a caption that
+    cannot happen next: each is caught on its own frame, and nothing else in the story is."""
+    world = S.world_json()
+    rng = np.random.default_rng(1)
+    name, frames, truths = next(s for s in stories if all(t["characters"] for t in s[2]))
+    i = 5
+    missing = list(frames)
+    missing[i] = (frames[i][0], E.without_character(truths[i], rng))
+    score = E.score_story(name, missing, world)
+    assert [(f, m) for f, m, _ in score.problems if m == "presence"] == [(i, "presence")]
+    assert "is there but not drawn" in score.problems[[m for _, m, _ in score.problems].index("presence")][2]
+
+    blank = list(frames)
+    blank[i] = (frames[i][0], Image.new("RGB", (128, 128), (128, 128, 128)))
+    score = E.score_story(name, blank, world)
+    assert score.per_frame[i]["presence"] == [0, len(truths[i]["characters"])]
+    assert score.counts["blank_picture"] == (1, 9)
+
+    i = len(frames) - 1  # the last frame: an impossible caption in its place changes no later state
+    state = StoryState.opening(frames[0][0])
+    for caption, _ in frames[1:i]:
+        state.read(caption)
+    absent = next(c for c in W.CHARACTERS if c not in state.present)
+    wrong = list(frames)
+    wrong[i] = (f"{absent} leaves.", frames[i][1])
+    score = E.score_story(name, wrong, world)
+    logic = [(f, w) for f, m, w in score.problems if m == "story_logic"]
+    assert logic == [(i, f"{absent} is not there")]
+    assert score.rate("caption_validity") == 1.0  # well-formed, just impossible
 
 
 def test_reading_saved_stories_from_the_cli(stories, tmp_path, capsys):
@@ -93,7 +133,8 @@ def test_reading_saved_stories_from_the_cli(stories, tmp_path, capsys):
     per = {s["name"]: s for s in result["per_story"]}
     assert per[name_a]["caption_agreement"] == 1.0 and per[name_a]["problems"] == []
     assert any(p["frame"] == 3 for p in per[name_b]["problems"])
-    assert set(result["targets"]) == set(E.METRICS)
+    assert set(result["targets"]) == set(E.METRICS) | {"blank_picture"}
+    assert result["targets"]["blank_picture"]["at_most"] and result["targets"]["blank_picture"]["met"]
 
     from seedstory.eval.__main__ import main as eval_main
 

@@ -46,7 +46,7 @@ from .world import (
 )
 
 __all__ = [
-    "parse_caption", "caption_entities", "caption_expectations", "caption_agrees", "generate_story",
+    "parse_caption", "parse_sentence", "split_sentences", "caption_entities", "caption_expectations", "caption_agrees", "generate_story",
     "render_frame", "detect", "scene_diff", "truth_scene", "world_json", "main",
 ]
 
@@ -85,7 +85,7 @@ def _names(list_text: str) -> list[str]:
     return head.split(", ") + [last]
 
 
-def _parse_sentence(sentence: str) -> Optional[dict]:
+def parse_sentence(sentence: str) -> Optional[dict]:
     for event, pattern in _PATTERNS:
         m = pattern.fullmatch(sentence)
         if m is None:
@@ -120,7 +120,7 @@ def parse_caption(text: str) -> Optional[dict]:
         return None
     sentences = []
     for s in split_sentences(" ".join(text.split())):
-        parsed = _parse_sentence(s)
+        parsed = parse_sentence(s)
         if parsed is None:
             return None
         sentences.append(parsed)

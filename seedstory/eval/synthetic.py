@@ -11,14 +11,22 @@ judge model.
 What is measured, over the frames after the opening (the opening is the user's, not the model's):
 
 * **caption validity** — the caption parses as the world's language (every sentence one of its templates).
+* **story logic** — the caption is possible in the story so far (``seedstory.data.story_state``: only someone
+  present leaves, waves or is waved at; only someone absent arrives; only a prop that is there is picked up),
+  over the captions that parse.
 * **caption-image agreement** — every character, setting and prop the caption names is drawn (a character
   recognised by its full signature, the setting by sky and ground, a prop held or on the ground). Frames whose
   caption names nothing are not counted. ``strict_agreement`` also checks positions, who holds what and who
   left (``caption_agrees``), over the frames whose caption parses.
+* **presence** — everyone the story says is present (read from the captions so far) is drawn with their full
+  signature; one count per character per frame, so a blank or half-drawn frame counts against it.
 * **character consistency** — each figure drawn in a character's body colour has that character's shape and
   accessory: a character looks the same in every frame it appears in.
 * **setting consistency** — from one frame to the next the drawn setting stays, or changes to a setting the
   new frame's caption names; an unrecognisable background counts as a break.
+* **signs of trouble**, as rates of frames (lower is better): a blank picture (neither a recognisable setting
+  nor a figure), a caption that repeats one of the last four (two-frame loops), repeats the previous one, or is
+  empty.
 * **reconstruction fidelity** (``reconstruct``) — held-out frames through the visual tokenizer and the
   de-tokenizer (stage 1, no agent): the redrawn scene (setting, who stands where holding what, props on the
   ground) read back and compared with the frame's ground truth.
@@ -41,10 +49,16 @@ from PIL import Image
 
 from ..data import synthetic as S
 from ..data import world as W
+from ..data.story_state import StoryState
 
-METRICS = ("caption_validity", "caption_agreement", "character_consistency", "setting_consistency")
-TARGETS = {"caption_validity": 0.95, "caption_agreement": 0.80, "character_consistency": 0.90,
-           "setting_consistency": 0.90}
+METRICS = ("caption_validity", "story_logic", "caption_agreement", "strict_agreement", "presence",
+           "character_consistency", "setting_consistency")
+TARGETS = {"caption_validity": 0.95, "story_logic": 0.95, "caption_agreement": 0.80, "strict_agreement": 0.70,
+           "presence": 0.90, "character_consistency": 0.90, "setting_consistency": 0.90}
+# Signs of trouble: the share of frames showing them (lower is better), and the most a good model may show.
+SIGNS = ("blank_picture", "looped_caption", "repeated_caption", "empty_caption")
+SIGN_LIMITS = {"blank_picture": 0.01}
+LOOP = 4  # a caption that repeats one of the last LOOP captions is a loop (A, B, A, B, ...)
 
 
 # ============================================================================================= one frame
@@ -96,7 +110,7 @@ def read_frame(text: str, image: Image.Image, world: Optional[dict] = None) -> F
 class StoryScore:
     name: str
     frames: int  # frames analysed (after the opening)
-    counts: dict = field(default_factory=dict)  # metric -> [passed, total]
+    counts: dict = field(default_factory=dict)  # metric -> [passed, total]; sign -> [frames showing it, frames]
     problems: list = field(default_factory=list)  # (frame index, metric, what)
     per_frame: dict = field(default_factory=dict)  # frame index -> metric -> [passed, total]
 
@@ -106,12 +120,13 @@ class StoryScore:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "frames": self.frames,
-                **{m: self.rate(m) for m in (*METRICS, "strict_agreement")},
+                **{m: self.rate(m) for m in (*METRICS, *SIGNS)},
                 "counts": {k: list(v) for k, v in self.counts.items()},
                 "problems": [{"frame": i, "metric": m, "what": w} for i, m, w in self.problems]}
 
 
 def _count(score: StoryScore, metric: str, ok: bool, frame: int, what: str = "") -> None:
+    """One more frame (or figure) for ``metric``; a miss is kept as a problem with ``what`` went wrong."""
     passed, total = score.counts.get(metric, (0, 0))
     score.counts[metric] = (passed + int(ok), total + 1)
     here = score.per_frame.setdefault(frame, {}).setdefault(metric, [0, 0])
@@ -121,21 +136,44 @@ def _count(score: StoryScore, metric: str, ok: bool, frame: int, what: str = "")
         score.problems.append((frame, metric, what))
 
 
+def _sign(score: StoryScore, sign: str, shown: bool, frame: int) -> None:
+    """One more frame for a sign of trouble: counts [frames showing it, frames]."""
+    hits, total = score.counts.get(sign, (0, 0))
+    score.counts[sign] = (hits + int(shown), total + 1)
+    here = score.per_frame.setdefault(frame, {}).setdefault(sign, [0, 0])
+    here[0] += int(shown)
+    here[1] += 1
+
+
+def _is_blank(scene: dict) -> bool:
+    return scene["setting"] is None and not scene["figures"]
+
+
 def score_story(name: str, frames: Sequence[tuple[str, Image.Image]], world: Optional[dict] = None,
                 skip_opening: bool = True) -> StoryScore:
-    """Score a story given as (caption, picture) pairs in order; frame 0 is the opening."""
+    """Score a story given as (caption, picture) pairs in order; frame 0 is the opening (its caption sets up the
+    story's state and is never judged for story logic)."""
+    from ..engine import caption_key
+
     readings = [read_frame(t, im, world) for t, im in frames]
     first = 1 if skip_opening else 0
     score = StoryScore(name, max(0, len(readings) - first))
+    state = StoryState.opening(readings[0].text) if readings else StoryState()
     for i in range(first, len(readings)):
         r = readings[i]
         _count(score, "caption_validity", r.valid, i, "" if r.valid else f"does not parse: {r.text[:80]!r}")
+        impossible = state.read(r.text) if i >= 1 else []
+        if impossible is not None:
+            _count(score, "story_logic", not impossible, i, "; ".join(impossible))
         if r.names_anything():
             miss = r.missing()
             _count(score, "caption_agreement", not miss, i, "; ".join(miss))
         if r.valid:
             strict = S.caption_agrees(r.text, r.scene)
             _count(score, "strict_agreement", not strict, i, "; ".join(strict))
+        drawn = {c["name"] for c in r.scene["characters"] if c.get("name")}
+        for who in state.present:
+            _count(score, "presence", who in drawn, i, f"{who} is there but not drawn")
         for fig in r.scene["figures"]:
             ok = fig["shape_ok"] and fig["accessory_ok"]
             what = "" if ok else (f"{fig['colour_of']}'s colour {fig['position']} but "
@@ -149,6 +187,11 @@ def score_story(name: str, frames: Sequence[tuple[str, Image.Image]], world: Opt
             what = ("unrecognisable background" if now is None
                     else f"{before} -> {now} without the caption saying so")
             _count(score, "setting_consistency", ok, i, "" if ok else what)
+            recent = {caption_key(t.text) for t in readings[max(0, i - LOOP):i]}
+            _sign(score, "looped_caption", caption_key(r.text) in recent, i)
+            _sign(score, "repeated_caption", caption_key(r.text) == caption_key(readings[i - 1].text), i)
+        _sign(score, "blank_picture", _is_blank(r.scene), i)
+        _sign(score, "empty_caption", not r.text.strip(), i)
     return score
 
 
@@ -174,22 +217,34 @@ class Report:
         overall = self.overall()
         return {"stories": len(self.stories), "frames": sum(s.frames for s in self.stories),
                 "overall": overall, "counts": self.totals(),
-                "targets": {m: {"target": t, "value": overall.get(m), "met": (overall.get(m) or 0) >= t}
-                            for m, t in TARGETS.items()},
+                "targets": self.targets(),
                 "per_story": [s.to_dict() for s in self.stories],
                 "skipped": [{"name": n, "why": w} for n, w in self.skipped]}
 
+    def targets(self) -> dict:
+        """Each target with the value reached: at least ``target`` for a metric, at most for a sign of trouble."""
+        overall = self.overall()
+        out = {m: {"target": t, "value": overall.get(m), "met": overall.get(m) is not None and overall[m] >= t}
+               for m, t in TARGETS.items()}
+        out.update({m: {"target": t, "at_most": True, "value": overall.get(m),
+                        "met": overall.get(m) is not None and overall[m] <= t} for m, t in SIGN_LIMITS.items()})
+        return out
+
     def markdown(self) -> str:
-        overall, totals = self.overall(), self.totals()
+        totals, targets = self.totals(), self.targets()
         lines = [f"{len(self.stories)} stories, {sum(s.frames for s in self.stories)} frames analysed"
                  + (f" ({len(self.skipped)} skipped)" if self.skipped else ""), "",
-                 "| metric | value | frames/figures | target |", "|---|---|---|---|"]
-        for m in (*METRICS, "strict_agreement"):
+                 "| metric | value | passed/counted | target |", "|---|---|---|---|"]
+        for m in (*METRICS, *SIGNS):
             if m not in totals:
                 continue
             ok, total = totals[m]
-            target = f"≥ {TARGETS[m]:.0%} {'✓' if overall[m] >= TARGETS[m] else '✗'}" if m in TARGETS else ""
-            lines.append(f"| {m.replace('_', ' ')} | {overall[m]:.1%} | {ok}/{total} | {target} |")
+            target = ""
+            if m in targets:
+                t = targets[m]
+                target = f"{'≤' if t.get('at_most') else '≥'} {t['target']:.0%} {'✓' if t['met'] else '✗'}"
+            label = m.replace("_", " ") + (" (share of frames)" if m in SIGNS else "")
+            lines.append(f"| {label} | {ok / total:.1%} | {ok}/{total} | {target} |")
         common = Counter((m, w.split(" (")[0]) for s in self.stories for _, m, w in s.problems)
         if common:
             lines += ["", "Most common problems:"]
@@ -283,6 +338,35 @@ def change_setting(image: Image.Image, truth: dict, world: dict, rng: np.random.
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
+def without_character(truth: dict, rng: np.random.Generator) -> Optional[Image.Image]:
+    """The frame redrawn with one of its characters left out (the story still says they are there). None when
+    the frame has no character."""
+    if not truth["characters"]:
+        return None
+    gone = int(rng.integers(len(truth["characters"])))
+    kept = dict(truth, characters=[c for k, c in enumerate(truth["characters"]) if k != gone])
+    return S.render_frame(kept, S.DETECT_SIZE)
+
+
+def impossible_caption(state: StoryState, rng: np.random.Generator) -> str:
+    """A well-formed caption that cannot happen next in the story ``state`` describes: someone absent leaves or
+    is waved at, someone present arrives, or a prop is picked up where it does not lie."""
+    present = sorted(state.present)
+    absent = [c for c in W.CHARACTERS if c not in state.present]
+    options = []
+    if absent:
+        options.append(f"{absent[int(rng.integers(len(absent)))]} leaves.")
+    if present:
+        c = present[int(rng.integers(len(present)))]
+        options.append(f"{c} arrives {W.AT_PHRASE[W.POSITIONS[int(rng.integers(3))]]}.")
+        if absent:
+            options.append(f"{c} waves at {absent[int(rng.integers(len(absent)))]}.")
+        spot = state.ground.get(state.setting, {}).get(state.present[c]["position"])
+        elsewhere = [p for p in W.PROP_NAMES if p != spot]
+        options.append(f"{c} picks up the {elsewhere[int(rng.integers(len(elsewhere)))]}.")
+    return options[int(rng.integers(len(options)))]
+
+
 def self_check(jsonl: str, image_root: str, stories: int = 20, max_frames: int = 0, seed: int = 0,
                world: Optional[dict] = None) -> dict:
     """Score ground-truth stories (should be ~100%), then the same stories with one frame in each corrupted
@@ -303,13 +387,18 @@ def self_check(jsonl: str, image_root: str, stories: int = 20, max_frames: int =
             "setting_consistency": change_setting(frames[i][1], truths[i], world, rng,
                                                   avoid=[truths[i - 1]["setting"]]),
         }
+        corruptions["presence"] = without_character(truths[i], rng)
         for metric, picture in corruptions.items():
             if picture is None:
                 continue
-            broken = list(frames)
-            broken[i] = (frames[i][0], picture)
             tried[metric] += 1
-            caught[metric] += _caught(name, frames[i - 1], broken[i], world, metric)
+            caught[metric] += _caught(name, frames[:i] + [(frames[i][0], picture)], world, metric)
+        state = StoryState.opening(frames[0][0])
+        for caption, _ in frames[1:i]:
+            state.read(caption)
+        tried["story_logic"] += 1
+        caught["story_logic"] += _caught(name, frames[:i] + [(impossible_caption(state, rng), frames[i][1])],
+                                         world, "story_logic")
         # a caption from elsewhere that names someone or something not drawn here
         reading = read_frame(frames[i][0], frames[i][1], world)
         for other in rng.permutation(len(captions))[:50]:
@@ -318,23 +407,26 @@ def self_check(jsonl: str, image_root: str, stories: int = 20, max_frames: int =
                 broken = list(frames)
                 broken[i] = (captions[other], frames[i][1])
                 tried["caption_agreement"] += 1
-                caught["caption_agreement"] += _caught(name, frames[i - 1], broken[i], world, "caption_agreement")
+                caught["caption_agreement"] += _caught(name, broken[:i + 1], world, "caption_agreement")
                 break
         words = reading.text.split()
         garbled = " ".join(words[: max(1, len(words) // 2)]) + " zorp blim."
         broken = list(frames)
         broken[i] = (garbled, frames[i][1])
         tried["caption_validity"] += 1
-        caught["caption_validity"] += _caught(name, frames[i - 1], broken[i], world, "caption_validity")
-    return {"ground_truth": truth_report.to_dict()["overall"],
+        caught["caption_validity"] += _caught(name, broken[:i + 1], world, "caption_validity")
+    overall = truth_report.overall()
+    return {"ground_truth": {m: overall[m] for m in METRICS if m in overall},
+            "ground_truth_signs": {m: overall[m] for m in SIGNS if m in overall},
             "ground_truth_counts": truth_report.totals(),
             "corruptions_caught": {m: {"caught": caught[m], "tried": tried[m],
                                        "rate": caught[m] / tried[m] if tried[m] else None} for m in tried}}
 
 
-def _caught(name: str, before: tuple, frame: tuple, world: dict, metric: str) -> bool:
-    """Does ``metric`` fail on ``frame`` (scored after the frame before it)?"""
-    return any(m == metric for _, m, _ in score_story(name, [before, frame], world).problems)
+def _caught(name: str, frames: Sequence[tuple], world: dict, metric: str) -> bool:
+    """Does ``metric`` fail on the last of ``frames`` (scored after the story before it)?"""
+    last = len(frames) - 1
+    return any(i == last and m == metric for i, m, _ in score_story(name, frames, world).problems)
 
 
 # ============================================================================================= reconstruction
@@ -502,6 +594,8 @@ def run(args) -> int:
         elif args.what == "self-check":
             result = self_check(args.jsonl, args.images, args.stories, seed=args.seed, world=world)
             text = "ground truth: " + ", ".join(f"{m} {v:.1%}" for m, v in result["ground_truth"].items() if v is not None)
+            text += "\nsigns of trouble in the ground truth (share of frames): " + ", ".join(
+                f"{m} {v:.1%}" for m, v in result["ground_truth_signs"].items())
             text += "\ncorrupted frames caught: " + ", ".join(
                 f"{m} {v['caught']}/{v['tried']}" for m, v in result["corruptions_caught"].items())
         else:

@@ -1,0 +1,81 @@
+"""The story so far, read from captions: the world's own stories are always possible and tracked exactly; each
+kind of impossible caption is named."""
+import pytest
+
+from seedstory.data.story_state import StoryState
+from seedstory.data.synthetic import generate_story
+
+
+def _scene(state: StoryState) -> tuple:
+    return ({n: (c["position"], c["holding"]) for n, c in state.present.items()}, state.setting,
+            dict(state.ground.get(state.setting, {})))
+
+
+def _truth_scene(truth: dict) -> tuple:
+    return ({c["name"]: (c["position"], c["holding"]) for c in truth["characters"]}, truth["setting"],
+            {p["position"]: p["name"] for p in truth["props"]})
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_worlds_own_stories_are_possible_and_tracked_exactly(seed):
+    for index in range(150):
+        story = generate_story(seed, index, 30)
+        state = StoryState.opening(story["captions"][0])
+        assert _scene(state) == _truth_scene(story["truth"][0])
+        for k, caption in enumerate(story["captions"][1:], start=1):
+            assert state.read(caption) == [], (story["id"], k, caption)
+            assert _scene(state) == _truth_scene(story["truth"][k]), (story["id"], k, caption)
+
+
+OPENING = ("It is a bright day in the meadow. Pim is on the left, holding the apple. Bodo stands in the centre. "
+           "A kite lies on the right.")
+
+
+@pytest.mark.parametrize("caption, why", [
+    ("Wex leaves.", "Wex is not there"),
+    ("Lulu waves at Tansy.", "Lulu and Tansy are not there"),
+    ("Pim waves at Moss.", "Moss is not there"),
+    ("Bodo arrives on the right.", "Bodo is already there"),
+    ("Wex arrives on the left.", "Pim already stands on the left"),
+    ("Wex arrives on the right with the apple.", "Wex cannot bring the apple: Pim holds it"),
+    ("Bodo picks up the kite.", "no kite lies in the centre (it lies on the right)"),
+    ("Pim walks to the right and picks up the kite.", "Pim already holds the apple"),
+    ("Bodo gives the apple to Pim.", "Bodo holds nothing, not the apple"),
+    ("Pim gives the apple to Bodo. Bodo drops the apple.", None),  # possible: Bodo holds it after the first
+    ("Bodo moves to the left.", "Pim already stands on the left"),
+    ("Bodo walks to the centre.", "Bodo is already in the centre"),
+    ("Bodo reads the book.", "Bodo holds nothing, not the book"),
+    ("Pim leaves with the kite.", "Pim holds the apple, not the kite"),
+    ("Pim and Bodo go to the meadow.", "the story is already in the meadow"),
+    ("Bodo walks to the right and picks up the kite.", None),
+])
+def test_impossible_captions_are_named(caption, why):
+    state = StoryState.opening(OPENING)
+    assert state.read(caption) == ([] if why is None else [why])
+
+
+def test_whoever_travel_does_not_name_stays_behind_and_places_remember_their_props():
+    state = StoryState.opening(OPENING)
+    assert state.read("Pim travels to the beach. A book lies in the centre.") == []
+    assert set(state.present) == {"Pim"} and state.away == {"Bodo": None}
+    assert state.read("Bodo waves.") == ["Bodo is not there"]
+    assert state.read("Pim drops the apple. Bodo arrives on the right.") == []
+    assert state.read("Together, Pim and Bodo walk to the meadow. A kite lies on the right.") == []
+    # each place remembers what lies there: the meadow's kite, the beach's book
+    assert state.read("Pim and Bodo go to the beach. A kite lies in the centre.") == ["no kite lies in the centre"]
+    fresh = StoryState.opening(OPENING)
+    assert fresh.read("Pim and Bodo go to the beach. There is a book on the left.") == []
+    assert fresh.read("Pim and Bodo travel to the meadow. A book lies on the right.") == ["no book lies on the right"]
+    # a place first reached cannot hold a prop that is known to be elsewhere
+    assert fresh.read("Pim and Bodo go to the cave. A book lies on the right.") == [
+        "the book cannot lie here: it lies on the left in the beach"]
+
+
+def test_a_caption_that_does_not_parse_is_not_judged_but_its_good_sentences_count():
+    state = StoryState.opening(OPENING)
+    before = _scene(state)
+    assert state.read("Then the moon ate a sandwich.") is None
+    assert _scene(state) == before
+    assert state.read("Bodo leaves. zorp blim.") is None
+    assert "Bodo" not in state.present and "Bodo" in state.away
+    assert state.read("Bodo arrives on the right.") == []
