@@ -33,3 +33,13 @@ def test_text_only_paints_drafts_and_says_so(tmp_path, capsys):
     assert len(made) == 2
     assert all(f.settings["num_inference_steps"] == 1 and f.settings["guidance_scale"] == 1 for f in made)
     assert all(f.settings["repetition_scope"] == "word_starts" for f in made)  # otherwise the demo preset's own
+
+
+def test_world_seed_takes_openings_from_an_unseen_world(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert load_bench().main(["--world-seed", "3", "--stories", "1", "--frames", "1", "--out", str(out),
+                              "--text-only"]) == 0
+    assert "presence" in capsys.readouterr().out
+    (story,) = os.listdir(out / "stories")
+    assert story.startswith("s3_")  # story ids carry their world's seed; the training data is seed 0
+    assert (out / "world-seed3" / "val.jsonl").is_file()

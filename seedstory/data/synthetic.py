@@ -46,8 +46,8 @@ from .world import (
 )
 
 __all__ = [
-    "parse_caption", "parse_sentence", "split_sentences", "caption_entities", "caption_expectations", "caption_agrees", "generate_story",
-    "render_frame", "detect", "scene_diff", "truth_scene", "world_json", "main",
+    "parse_caption", "parse_sentence", "split_sentences", "caption_entities", "caption_expectations",
+    "caption_agrees", "generate_story", "render_frame", "detect", "scene_diff", "truth_scene", "world_json", "main",
 ]
 
 DETECT_SIZE = 128
