@@ -29,18 +29,6 @@ except ImportError:
     def gpu(fn):
         return fn
 
-# Openings from the synthetic world's validation split (what the shipped demo model knows), then two others.
-EXAMPLES = [
-    [os.path.join(REPO_ROOT, "assets", "examples", "world_beach.png"),
-     "It is a bright day on the beach. Moss stands on the left with the kite. Lulu is on the right."],
-    [os.path.join(REPO_ROOT, "assets", "examples", "world_cave.png"),
-     "Our story begins in the cave. Bodo stands in the centre with the book. Lulu stands on the right."],
-    [os.path.join(REPO_ROOT, "assets", "examples", "world_forest.png"),
-     "Our story begins in the forest. Moss stands on the left. Tansy stands in the centre with the apple. "
-     "Bodo is on the right, holding the bucket."],
-    [os.path.join(REPO_ROOT, "assets", "examples", "fox_meadow.png"), "A little fox with a red headband sat in the meadow."],
-    [os.path.join(REPO_ROOT, "assets", "examples", "robot_night.png"), "A small robot looked up at the moon."],
-]
 SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
@@ -106,7 +94,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         session = new_session(session)
         progress(0.1, desc="reading the picture")
         logic.start_story(session, holder, image, text, ui)
-        return render(session, "Story started. Press **Next frame** to continue it.")
+        note = logic.picture_note(holder, image)
+        return render(session, "Story started. Press **Next frame** to continue it." + (f"\n\n{note}" if note else ""))
 
     @gpu
     @guarded
@@ -210,9 +199,10 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 # non-RGB pictures before load_image's size guard sees them); load_image converts to RGB itself.
                 image_in = gr.Image(type="filepath", image_mode=None, label="Opening picture",
                                     sources=["upload", "clipboard"], height=256)
+                picture_note = gr.Markdown()
                 text_in = gr.Textbox(label="Opening text", lines=3, placeholder="Once upon a time…")
                 start_btn = gr.Button("Start story", variant="primary")
-                gr.Examples(EXAMPLES, [image_in, text_in], label="Examples")
+                gr.Examples(logic.examples(holder.preset), [image_in, text_in], label="Examples")
             with gr.Column(scale=2):
                 board = gr.Gallery(label="Storyboard (the current branch)", columns=4, height=420,
                                    allow_preview=False, object_fit="contain")
@@ -291,6 +281,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         configure_btn = gr.Button(visible=False)
         configure_btn.click(configure, settings, [ui], api_name="configure")
 
+        image_in.change(lambda image: logic.picture_note(holder, image), [image_in], [picture_note], api_name=False)
         start_btn.click(start_story, [session, ui, image_in, text_in], view, api_name="start_story")
         next_btn.click(next_frame, [session, ui], view, api_name="next_frame")
         next_n_btn.click(next_frame, [session, ui, n_frames], view, api_name="next_frames")

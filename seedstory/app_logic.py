@@ -143,6 +143,45 @@ def frame_info(session: StorySession) -> str:
             f" · version {pos} here · {len(f.children)} continuation(s)")
 
 
+# -- the opening picture ------------------------------------------------------------------------------
+# Example openings for a model whose preset names none of its own (a model of a narrow world, such as the demo,
+# lists openings it knows in its preset's ``examples``).
+GENERAL_EXAMPLES = [
+    {"image": "assets/examples/fox_meadow.png", "text": "A little fox with a red headband sat in the meadow."},
+    {"image": "assets/examples/robot_night.png", "text": "A small robot looked up at the moon."},
+]
+
+
+def examples(preset: str) -> list[list[str]]:
+    """[[picture path, opening text], ...] for the app's examples: the preset's own, else general ones."""
+    from .config import load_preset as read_preset
+    from .config import resolve_path
+
+    try:
+        listed = read_preset(preset).get("examples")
+    except Exception:  # noqa: BLE001 - an unknown preset gets the general examples; loading it reports the error
+        listed = None
+    return [[resolve_path(str(e["image"])), str(e["text"])] for e in (listed or GENERAL_EXAMPLES)]
+
+
+def picture_note(holder: ModelHolder, image) -> str:
+    """A sentence for the visitor when the opening picture is unlike anything the loaded model was trained on
+    (``SeedStoryPipeline.unfamiliarity``); "" when it is familiar, or when the model cannot tell."""
+    if image is None or not holder.loaded:
+        return ""
+    try:
+        distance = holder.pipeline().unfamiliarity(load_image(image))
+    except Exception:  # noqa: BLE001 - an unreadable picture is reported by Start story, not here
+        return ""
+    if distance is None or distance <= 1.0:
+        return ""
+    return (f"**This picture looks unlike anything the {holder.pipeline().name} model was trained on** "
+            f"({distance:.1f}x further from its training pictures than any it knows). It can only tell stories in "
+            "its own small world (try the examples), so the story will not be about your picture. For your own "
+            "pictures, run the released SEED-Story weights: `python app.py --preset seed-story-george` (the "
+            "README's *The released SEED-Story weights* says where the files go).")
+
+
 # -- actions -------------------------------------------------------------------------------------------
 def model_report(holder: ModelHolder) -> str:
     """Markdown about the shared models: what is loaded and where, or, when the preset failed to load, the

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .config import GenerationSettings, PresetError, load_preset, resolve_device, resolve_path, runtime_options
+from .familiarity import FAMILIARITY_FILE, Familiarity
 from .image_processing import ImageProcessor
 from .models.agent import SeedStoryAgent
 from .models.detokenizer import Detokenizer
@@ -59,6 +60,8 @@ class SeedStoryPipeline:
         # Set by ``place(cpu_offload=True)``: where the CPU-resident ViT and de-tokenizer run.
         self.offload_device: Optional[torch.device] = None
         self.llm_quantization: Optional[str] = None
+        # Statistics of the training pictures' features, when the model ships them (``seedstory.familiarity``).
+        self.familiarity: Optional[Familiarity] = None
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -135,6 +138,13 @@ class SeedStoryPipeline:
             pixels = self.image_processor(image).to(vit.device, vit.dtype)
             return vit(pixels).float().cpu()
 
+    def unfamiliarity(self, image: Image.Image) -> Optional[float]:
+        """How far ``image`` is from the pictures the model was trained on (above 1: unlike any of them); None
+        when the model ships no statistics of its training pictures."""
+        if self.familiarity is None:
+            return None
+        return float(self.familiarity.distance(self.encode_image(image))[0])
+
     def negative_features(self) -> torch.Tensor:
         if self._negative is None:
             with self._running(self.visual_tokenizer) as vit:
@@ -199,6 +209,8 @@ class SeedStoryPipeline:
                 "num_img_tokens": self.agent.num_img_tokens, "generation": asdict(self.settings)}
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+        if self.familiarity is not None:
+            self.familiarity.save(path)
 
     @classmethod
     def from_pretrained(
@@ -221,7 +233,11 @@ class SeedStoryPipeline:
         agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype)
         detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype)
         settings = GenerationSettings.from_config(meta.get("generation", {}))
-        return cls(tokenizer, vit, agent, detok, settings, name=meta.get("name", os.path.basename(path))).to(device)
+        pipe = cls(tokenizer, vit, agent, detok, settings, name=meta.get("name", os.path.basename(path))).to(device)
+        pipe.familiarity = Familiarity.load(path)
+        if pipe.familiarity is not None and pipe.familiarity.mean.numel() != vit.config.n_queries * vit.config.output_dim:
+            raise PresetError(f"{path}: {FAMILIARITY_FILE} was fitted to another visual tokenizer")
+        return pipe
 
     @classmethod
     def from_preset(cls, preset, overrides=None) -> "SeedStoryPipeline":

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from seedstory.config import REPO_ROOT
+from seedstory.config import REPO_ROOT, GenerationSettings, load_preset
 from seedstory.engine import StoryEngine
 from training import build_demo
 
@@ -98,7 +98,10 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
                   f"{stage}.log_with=[]"]
     args = ["--data", str(tmp_path / "world"), "--stories", "3", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "model"), "--set", *quick]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "README.md").write_text("# the model card\n")
     out = build_demo.main(args)
+    assert (tmp_path / "model" / "README.md").read_text() == "# the model card\n"  # kept beside the new weights
 
     timings = json.loads((tmp_path / "work" / "build_timings.json").read_text())
     assert {"data", "tokenizer", "total"} | {s for s, *_ in build_demo.STAGES} <= set(timings)
@@ -108,14 +111,19 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "model.detokenizer_from=" + str(tmp_path / "work" / "stage1" / "final") in capsys.readouterr().out
 
     files = glob.glob(os.path.join(out, "**", "*.safetensors"), recursive=True)
-    assert {os.path.relpath(f, out).split(os.sep)[0] for f in files} == {"agent", "detokenizer", "visual_tokenizer"}
-    for f in files:  # published in fp16: half the size
+    assert {os.path.relpath(f, out).split(os.sep)[0] for f in files} == {"agent", "detokenizer", "visual_tokenizer",
+                                                                          "familiarity.safetensors"}
+    for f in files:  # published in fp16: half the size (the small familiarity statistics stay fp32)
+        if f.endswith("familiarity.safetensors"):
+            continue
         with safe_open(f, "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f
     configs = glob.glob(os.path.join(out, "**", "config.json"), recursive=True)
     assert configs and not [c for c in configs if str(tmp_path) in open(c).read()]  # no build-machine paths
 
     pipe = SeedStoryPipeline.from_pretrained(out, device="cpu", torch_dtype=torch.float32)
+    # the folder paints as the demo preset does: `--preset <folder>` is not a weaker model
+    assert pipe.settings == GenerationSettings.from_config(load_preset("demo").generation)
     pipe.settings.num_inference_steps = 2
     engine = StoryEngine(pipe)
     opening = os.path.join(REPO_ROOT, "assets", "examples", "world_beach.png")

@@ -153,11 +153,12 @@ def test_reconstruction_check_runs_on_the_tiny_preset(world_data):
 
 
 def test_the_apps_world_examples_are_faithful_openings():
-    """The app's bundled synthetic-world openings: each caption parses and says what the picture shows."""
-    import app
+    """The demo's examples in the app are the synthetic world's openings: each caption parses and says what the
+    picture shows."""
+    from seedstory.app_logic import examples
 
-    world_examples = [(path, text) for path, text in app.EXAMPLES if os.path.basename(path).startswith("world_")]
-    assert len(world_examples) >= 3
+    world_examples = examples("demo")
+    assert len(world_examples) >= 3 and all(os.path.basename(p).startswith("world_") for p, _ in world_examples)
     from PIL import Image
 
     for path, text in world_examples:

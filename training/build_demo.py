@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from seedstory.atomic import write_dir
 from seedstory.config import REPO_ROOT, resolve_path
@@ -189,7 +190,7 @@ def main(argv=None) -> str:
     run_stages(commands, {s[0]: needs(s) & set(commands) for s in STAGES}, max(1, args.jobs), work, timings)
 
     out = resolve_path(args.out)
-    publish(final(STAGES[-1][0]), out)
+    publish(final(STAGES[-1][0]), out, data=data)
     timings["total"] = time.time() - t0
     with open(os.path.join(work, "build_timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
@@ -197,14 +198,57 @@ def main(argv=None) -> str:
     return out
 
 
-def publish(final: str, out: str) -> None:
-    """Copy the last stage's export to ``out`` in fp16 (half the size; the preset loads it as fp32)."""
+MODEL_CARD = "README.md"  # the model card: written by hand beside the weights, kept when they are replaced
+
+
+def frames_of(jsonl: str, image_root: str, stories: int, per_story: int) -> list:
+    """Up to ``per_story`` frames, evenly spread, from each of the first ``stories`` stories of a jsonl."""
+    from PIL import Image
+
+    images = []
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            if len(images) >= stories * per_story:
+                break
+            rels = json.loads(line)["images"]
+            for rel in rels[:: max(1, len(rels) // per_story)][:per_story]:
+                with Image.open(os.path.join(image_root, rel)) as im:
+                    images.append(im.convert("RGB"))
+    return images
+
+
+def fit_familiarity(pipe, data: str, stories: int = 500, per_story: int = 4):
+    """Statistics of the training pictures' features (``seedstory.familiarity``), scaled by held-out ones, so the
+    app can tell a visitor when an uploaded picture is unlike anything the model knows."""
     import torch
 
+    from seedstory.familiarity import Familiarity
+
+    def features(split: str, n: int) -> torch.Tensor:
+        return torch.cat([pipe.encode_image(im) for im in frames_of(os.path.join(data, f"{split}.jsonl"),
+                                                                    os.path.join(data, "images"), n, per_story)])
+
+    return Familiarity.fit(features("train", stories), features("val", stories))
+
+
+def publish(final: str, out: str, preset: str = "demo", data: Optional[str] = None) -> None:
+    """Copy the last stage's export to ``out`` in fp16 (half the size; the preset loads it as fp32), with the
+    ``preset``'s generation settings, so ``--preset <out>`` paints as ``--preset demo`` does, and the statistics
+    of its training pictures (``data``: the synthetic world's folder) or those already in ``final``. A model card
+    already in ``out`` is kept."""
+    import torch
+
+    from seedstory.config import GenerationSettings, load_preset
     from seedstory.pipeline import SeedStoryPipeline
 
     pipe = SeedStoryPipeline.from_pretrained(final, device="cpu", torch_dtype=torch.float32)
+    if data is not None:
+        pipe.familiarity = fit_familiarity(pipe, data)
     pipe.to("cpu", torch.float16)
+    pipe.settings = GenerationSettings.from_config(load_preset(preset).generation)
+    pipe.name = preset
+    card_path = os.path.join(out, MODEL_CARD)
+    card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else None
 
     def save(path: str) -> None:
         pipe.save_pretrained(path)
@@ -216,6 +260,9 @@ def publish(final: str, out: str) -> None:
                 with open(config, "w") as f:
                     json.dump(data, f, indent=2, sort_keys=True)
                     f.write("\n")
+        if card is not None:
+            with open(os.path.join(path, MODEL_CARD), "w", encoding="utf-8") as f:
+                f.write(card)
 
     write_dir(out, save)
 
