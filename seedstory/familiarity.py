@@ -33,8 +33,8 @@ class Familiarity:
         train, held_out = train.flatten(1).float(), held_out.flatten(1).float()
         rank = min(rank, train.shape[0] - 1, train.shape[1])
         mean = train.mean(0)
-        _, _, v = torch.pca_lowrank(train - mean, q=rank, center=False, niter=4)
-        made = cls(mean, v[:, :rank], 1.0)
+        _, _, vh = torch.linalg.svd(train - mean, full_matrices=False)  # exact, so a rebuild gives the same file
+        made = cls(mean, vh[:rank].T.contiguous(), 1.0)
         made.threshold = float(made.residual(held_out).max()) * margin
         return made
 
