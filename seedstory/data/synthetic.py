@@ -61,7 +61,7 @@ _SLOT_RE = {
     "c": rf"(?P<c>{_NAME})", "c2": rf"(?P<c2>{_NAME})",
     "cs": rf"(?P<cs>(?:{_NAME})(?:, (?:{_NAME}))* and (?:{_NAME}))",
     "p": rf"(?P<p>{_PROP})", "ap": rf"(?P<art>a|an) (?P<p>{_PROP})", "AP": rf"(?P<art>A|An) (?P<p>{_PROP})",
-    "at": r"(?P<at>on the left|in the centre|on the right)", "to": r"(?P<to>left|centre|right)",
+    "at": rf"(?P<at>{'|'.join(AT_PHRASE[p] for p in POSITIONS)})", "to": rf"(?P<to>{'|'.join(POSITIONS)})",
     "s": rf"(?P<s>{_SETTING})", "in_s": rf"(?P<in_s>{_IN_S})",
 }
 _AT = {v: k for k, v in AT_PHRASE.items()}
@@ -279,14 +279,14 @@ class _Story:
     # ---------------------------------------------------------------- opening
     def opening(self) -> tuple[list[str], list[dict]]:
         rng = self.rng
-        n = rng.choices([1, 2, 3], weights=[2, 3, 2])[0]
+        n = rng.choices(list(W.OPENING_CAST), weights=list(W.OPENING_CAST.values()))[0]
         names = rng.sample(CHARACTERS, n)
         slots = rng.sample(list(POSITIONS), n)
         for name, pos in zip(names, slots):
             holding = self.take_from_pool() if rng.random() < 0.35 else None
             self.chars[name] = {"position": pos, "holding": holding}
             del self.away[name]
-        for pos in rng.sample(list(POSITIONS), rng.choice([0, 1, 1, 2])):
+        for pos in rng.sample(list(POSITIONS), rng.choice(W.GROUND_PROPS)):
             self.here()[pos] = self.take_from_pool()
         sentences = [self.say("scene", in_s=setting_phrase(self.setting))]
         for pos in POSITIONS:
@@ -417,7 +417,7 @@ class _Story:
             self.setting = dest
             if dest not in self.visited:
                 self.visited.add(dest)
-                for pos in self.rng.sample(list(POSITIONS), min(len(self.pool), self.rng.choice([0, 1, 1, 2]))):
+                for pos in self.rng.sample(list(POSITIONS), min(len(self.pool), self.rng.choice(W.GROUND_PROPS))):
                     self.here()[pos] = self.take_from_pool()
             if len(names) == 1:
                 s = [self.say("travel", c=names[0], s=dest)]
@@ -849,16 +849,17 @@ def _figure(labels: np.ndarray, names: list[str], world: dict, ch: dict, x: floa
 
 @lru_cache(maxsize=1)
 def _calibration() -> dict:
-    """Per character, measured on a clean 128px render (centre, meadow, nothing held): body pixels and
-    accessory pixels."""
+    """Per character, measured on a clean 128px render (middle position, first setting, nothing held): body
+    pixels and accessory pixels."""
     out = {}
     base = W.world_dict()
     names, palette = _palette(base)
+    middle, setting = POSITIONS[len(POSITIONS) // 2], SETTING_NAMES[0]
     for ch in base["cast"]:
-        truth = {"setting": "meadow", "props": [],
-                 "characters": [{"name": ch["name"], "position": "centre", "holding": None, "action": None}]}
+        truth = {"setting": setting, "props": [],
+                 "characters": [{"name": ch["name"], "position": middle, "holding": None, "action": None}]}
         labels = _labels(np.asarray(render_frame(truth, DETECT_SIZE), np.float32), palette, 70)
-        fig = _figure(labels, names, base, ch, base["layout"]["slot_x"]["centre"], "meadow")
+        fig = _figure(labels, names, base, ch, base["layout"]["slot_x"][middle], setting)
         out[ch["name"]] = {"body_pixels": fig["body_pixels"], "accessory_pixels": fig["accessory_pixels"]}
     return out
 

@@ -156,6 +156,10 @@ TEMPLATES = {
 }
 AT_PHRASE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 
+# --------------------------------------------------------------------------------------------- stories
+OPENING_CAST = {1: 2, 2: 3, 3: 2}  # characters in an opening scene: relative weights
+GROUND_PROPS = [0, 1, 1, 2]        # props lying in a place when the story first gets there: drawn uniformly
+
 
 def setting_phrase(setting: str) -> str:
     return f"{SETTINGS[setting]['prep']} the {setting}"

@@ -358,7 +358,7 @@ def impossible_caption(state: StoryState, rng: np.random.Generator) -> str:
         options.append(f"{absent[int(rng.integers(len(absent)))]} leaves.")
     if present:
         c = present[int(rng.integers(len(present)))]
-        options.append(f"{c} arrives {W.AT_PHRASE[W.POSITIONS[int(rng.integers(3))]]}.")
+        options.append(f"{c} arrives {W.AT_PHRASE[W.POSITIONS[int(rng.integers(len(W.POSITIONS)))]]}.")
         if absent:
             options.append(f"{c} waves at {absent[int(rng.integers(len(absent)))]}.")
         spot = state.ground.get(state.setting, {}).get(state.present[c]["position"])
