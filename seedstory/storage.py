@@ -27,7 +27,6 @@ from .story import Frame, StoryTree
 
 STORY_FORMAT = "seedstory-story"
 STORY_VERSION = 1
-MAX_STORY_FILE_BYTES = 2 * 1024**3
 
 
 class StoryFileError(ValueError):
@@ -96,68 +95,147 @@ def save_story(tree: StoryTree, path: str, model_name: str = "") -> str:
     return write_dir(path, fill)
 
 
+# Bounds on what a story file may hold, checked before anything is unpacked: one visitor's upload must not
+# hang the server or fill its memory.
+MAX_FRAMES = 2000               # frames in one story tree
+MAX_MEMBERS = 2 * MAX_FRAMES + 8  # a picture per frame, story.json, features.safetensors
+MAX_MEMBER_BYTES = 64 * 2**20   # one unpacked file
+MAX_UNPACKED_BYTES = 1 * 2**30  # all of them
+MAX_RATIO = 50                  # unpacked / packed size of any member over 1 MiB (zeros pack 1000:1)
+
+
+def _name(path: str) -> str:
+    """How a message names the file: its base name, never a server's folders."""
+    return os.path.basename(os.path.normpath(path)) or "the story file"
+
+
 def _read_files(path: str) -> dict[str, bytes]:
+    name = _name(path)
     if not os.path.exists(path):
         raise StoryFileError(f"no saved story at {path}")
     if os.path.isdir(path):
-        out = {}
+        found = []
         for root, _, names in os.walk(path):
-            for n in names:
-                full = os.path.join(root, n)
-                out[os.path.relpath(full, path).replace(os.sep, "/")] = open(full, "rb").read()
+            found += [os.path.join(root, n) for n in names]
+        if len(found) > MAX_MEMBERS:
+            raise StoryFileError(f"{name} holds {len(found)} files; a saved story has at most {MAX_MEMBERS}")
+        sizes = {full: os.path.getsize(full) for full in found}
+        _check_sizes(name, sizes.values())
+        out = {}
+        for full in found:
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path).replace(os.sep, "/")] = f.read(MAX_MEMBER_BYTES + 1)
         return out
-    if os.path.getsize(path) > MAX_STORY_FILE_BYTES:
-        raise StoryFileError(f"{path} is too large to be a saved story")
+    if os.path.getsize(path) > MAX_UNPACKED_BYTES:
+        raise StoryFileError(f"{name} is too large to be a saved story")
     try:
         with zipfile.ZipFile(path) as zf:
-            total = sum(i.file_size for i in zf.infolist())
-            if total > MAX_STORY_FILE_BYTES:
-                raise StoryFileError(f"{path} unpacks to {total / 2**20:.0f} MiB; refusing it")
-            return {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+            members = [i for i in zf.infolist() if not i.is_dir()]
+            if len(members) > MAX_MEMBERS:
+                raise StoryFileError(f"{name} holds {len(members)} files; a saved story has at most {MAX_MEMBERS}")
+            _check_sizes(name, [i.file_size for i in members])
+            for i in members:
+                if i.file_size > 2**20 and i.file_size > MAX_RATIO * max(1, i.compress_size):
+                    raise StoryFileError(f"{name}: {i.filename} unpacks {i.file_size // max(1, i.compress_size)} "
+                                         "times larger than it is packed; not a saved story")
+            out = {}
+            for i in members:
+                with zf.open(i) as f:  # never more than the header declares, whatever the data says
+                    data = f.read(i.file_size + 1)
+                if len(data) != i.file_size:
+                    raise StoryFileError(f"{name}: {i.filename} is not the size its header declares")
+                out[i.filename] = data
+            return out
     except zipfile.BadZipFile:
-        raise StoryFileError(f"{path} is neither a story folder nor a story .zip") from None
+        raise StoryFileError(f"{name} is neither a story folder nor a story .zip") from None
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError) as e:
+        raise StoryFileError(f"{name} cannot be unpacked ({type(e).__name__})") from None
+
+
+def _check_sizes(name: str, sizes) -> None:
+    sizes = list(sizes)
+    if any(n > MAX_MEMBER_BYTES for n in sizes):
+        raise StoryFileError(f"{name} holds a file over {MAX_MEMBER_BYTES // 2**20} MiB; not a saved story")
+    if sum(sizes) > MAX_UNPACKED_BYTES:
+        raise StoryFileError(f"{name} unpacks to {sum(sizes) / 2**20:.0f} MiB; a saved story is at most "
+                             f"{MAX_UNPACKED_BYTES // 2**20} MiB")
+
+
+def _tree_order(meta: dict, name: str) -> list[int]:
+    """The frame ids, parents before children, once the tree in ``story.json`` is checked as a whole: ids unique,
+    every parent present, every frame listed as a child of its parent exactly once (or a root), no cycle, every
+    frame reachable from a root. Raises StoryFileError; reads nothing else."""
+    frames, roots = meta.get("frames"), meta.get("roots")
+    if not isinstance(frames, list) or not isinstance(roots, list):
+        raise StoryFileError(f"{name}: story.json has no frame list")
+    if len(frames) > MAX_FRAMES:
+        raise StoryFileError(f"{name} has {len(frames)} frames; a story has at most {MAX_FRAMES}")
+    if not all(isinstance(e, dict) for e in frames):
+        raise StoryFileError(f"{name}: story.json is malformed (a frame is not an object)")
+    ids = [int(e["id"]) for e in frames]
+    if len(set(ids)) != len(ids):
+        raise StoryFileError(f"{name}: two frames share the id {next(i for i in ids if ids.count(i) > 1)}")
+    by_id = {int(e["id"]): e for e in frames}
+    parent = {fid: (None if e.get("parent") is None else int(e["parent"])) for fid, e in by_id.items()}
+    children = {fid: [int(c) for c in (e.get("children") or [])] for fid, e in by_id.items()}
+    roots = [int(r) for r in roots]
+    for fid, p in parent.items():
+        if p is not None and p not in by_id:
+            raise StoryFileError(f"{name}: frame {fid} names a missing parent {p}")
+        listed = roots if p is None else children[p]
+        if listed.count(fid) != 1:
+            raise StoryFileError(f"{name}: frame {fid} is not listed once under its parent; the frames do not "
+                                 "form a tree")
+    if sum(len(c) for c in children.values()) + len(roots) != len(by_id):
+        raise StoryFileError(f"{name}: a frame is listed under another parent than its own; the frames do not "
+                             "form a tree")
+    order, seen, stack = [], set(), list(reversed(roots))
+    while stack:
+        fid = stack.pop()
+        if fid in seen:
+            raise StoryFileError(f"{name}: frame {fid} is its own ancestor; the frames do not form a tree")
+        seen.add(fid)
+        order.append(fid)
+        stack.extend(reversed(children[fid]))
+    if len(order) != len(by_id):
+        raise StoryFileError(f"{name}: the frames do not form a tree")
+    return order
 
 
 def load_story(path: str) -> StoryTree:
-    """Read a story saved by ``save_story``. Raises StoryFileError for anything not a valid story."""
+    """Read a story saved by ``save_story``. Raises StoryFileError for anything not a valid story; the whole
+    file is checked (sizes, then the tree) before any picture or tensor is decoded."""
+    name = _name(path)
     files = _read_files(path)
     if "story.json" not in files:
-        raise StoryFileError(f"{path} has no story.json: not a saved seedstory story")
+        raise StoryFileError(f"{name} has no story.json: not a saved seedstory story")
     try:
         meta = json.loads(files["story.json"].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoryFileError(f"{path}: story.json is not valid JSON ({e})") from None
+        raise StoryFileError(f"{name}: story.json is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != STORY_FORMAT:
-        raise StoryFileError(f"{path} is not a seedstory story file")
-    if meta.get("version", 0) > STORY_VERSION:
-        raise StoryFileError(f"{path} was written by a newer seedstory (format version {meta.get('version')})")
+        raise StoryFileError(f"{name} is not a seedstory story file")
+    if not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > STORY_VERSION:
+        raise StoryFileError(f"{name} was written by a newer seedstory (format version {meta.get('version')})")
+    try:
+        order = _tree_order(meta, name)
+    except StoryFileError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoryFileError(f"{name}: story.json is malformed ({type(e).__name__}: {e})") from None
     try:
         tensors = st_load(files.get("features.safetensors", st_save({})))
     except Exception as e:  # safetensors raises its own error types
-        raise StoryFileError(f"{path}: features.safetensors is damaged ({e})") from None
+        raise StoryFileError(f"{name}: features.safetensors is damaged ({e})") from None
     tree = StoryTree()
     try:
-        entries = sorted(meta["frames"], key=lambda e: int(e["id"]))
-        ids = {int(e["id"]) for e in entries}
-        by_id = {int(e["id"]): e for e in entries}
-        for e in entries:
-            parent = e.get("parent")
-            if parent is not None and int(parent) not in ids:
-                raise StoryFileError(f"{path}: frame {e['id']} names a missing parent {parent}")
-        # Add parents before children, preserving each parent's child order.
-        order, stack = [], [int(r) for r in reversed(meta["roots"])]
-        while stack:
-            fid = stack.pop()
-            order.append(fid)
-            stack.extend(int(c) for c in reversed(by_id[fid].get("children", [])))
-        if sorted(order) != sorted(ids):
-            raise StoryFileError(f"{path}: the frames do not form a tree")
+        by_id = {int(e["id"]): e for e in meta["frames"]}
         for fid in order:
             e = by_id[fid]
             image = None
             if e.get("image"):
                 if e["image"] not in files:
-                    raise StoryFileError(f"{path}: picture {e['image']} is missing")
+                    raise StoryFileError(f"{name}: picture {e['image']} is missing")
                 image = load_image(files[e["image"]])
             frame = Frame(id=fid, parent=e.get("parent"), text=str(e["text"]), image=image,
                           features=tensors.get(f"frame_{fid}"), painted_from=tensors.get(f"painted_{fid}"),
@@ -166,11 +244,11 @@ def load_story(path: str) -> StoryTree:
                           created=float(e.get("created", 0.0)))
             tree.add(frame, select=False)
         current = meta.get("current")
-        tree.current = int(current) if current is not None and int(current) in ids else (tree.roots[0] if tree.roots else None)
+        tree.current = int(current) if current is not None and int(current) in by_id else (tree.roots[0] if tree.roots else None)
     except StoryFileError:
         raise
     except ImageError as e:
-        raise StoryFileError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise StoryFileError(f"{path}: story.json is malformed ({type(e).__name__}: {e})") from None
+        raise StoryFileError(f"{name}: {e}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise StoryFileError(f"{name}: story.json is malformed ({type(e).__name__}: {e})") from None
     return tree
