@@ -183,8 +183,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
                   mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None, candidates=0,
                   context_from=None):
-        """All generation settings at once (0 or empty means the preset's default; for the seed too; for
-        ``no_repeat`` only empty does, 0 turns it off)."""
+        """All generation settings at once (0 or empty means the preset's default, for the seed too; -1 turns
+        ``no_repeat`` off)."""
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
                                 repetition or None, no_repeat, scope or None, candidates or None, context_from or None)
 
@@ -247,8 +247,8 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                                        label="Repetition penalty (1: off, 0: preset default)")
                 scope = gr.Dropdown(list(REPETITION_SCOPES), value=None,
                                     label="The penalty counts repeated (empty: preset default)")
-                no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: off, empty: preset)",
-                                      precision=0, value=None, minimum=0, maximum=100)
+                no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: preset default, "
+                                            "-1: off)", precision=0, value=0, minimum=-1, maximum=100)
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")

@@ -39,10 +39,16 @@ class UISettings:
     window: Optional[int] = None
     seed: Optional[int] = None
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
-    no_repeat_captions: Optional[int] = None  # 0 = off; None/empty = the preset's
+    no_repeat_captions: Optional[int] = None  # -1 = off; None/empty/0 = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
     candidates: Optional[int] = None  # pictures painted per frame, the closest kept; None/0 = the preset's
     context_from: Optional[str] = None  # features | picture; None/empty = the preset's
+
+    def _no_repeat(self) -> Optional[int]:
+        # A browser sends an empty number field as 0, so 0 must mean "the preset's", like every other field here;
+        # -1 turns the guard off.
+        n = int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else 0
+        return None if n == 0 else 0 if n == -1 else n
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
@@ -57,7 +63,7 @@ class UISettings:
             scheduler=self.scheduler or None, window=int(self.window) if self.window else None,
             seed=int(self.seed) if self.seed not in (None, "") else None,
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
-            no_repeat_captions=int(self.no_repeat_captions) if self.no_repeat_captions not in (None, "") else None,
+            no_repeat_captions=self._no_repeat(),
             repetition_scope=self.repetition_scope or None,
             candidates=int(self.candidates) if self.candidates else None,
             context_from=self.context_from or None,

@@ -486,10 +486,11 @@ def test_text_decoding_defaults_to_the_presets_own():
     with pytest.raises(ValueError, match="unknown text decoding"):
         logic.UISettings(decoding="beam").generation(base)
     # Each field: (preset's value, [(what the widget holds, the setting it gives)], a refused value, its message).
-    # Empty keeps the preset's; 0 keeps it too where 0 means nothing, and turns the guard off where it does.
+    # Empty keeps the preset's, and so does 0; -1 turns the caption guard off.
     fields = {
         "repetition_penalty": (1.3, [(None, 1.3), (0, 1.3), (1.0, 1.0)], 0.5, "repetition_penalty must be between 1"),
-        "no_repeat_captions": (4, [(None, 4), (0, 0), (2.0, 2)], -1, "no_repeat_captions must be between 0"),
+        # a browser sends the empty field as 0: that must keep the preset's guard (it used to turn it off)
+        "no_repeat_captions": (4, [(None, 4), (0, 4), (-1, 0), (2.0, 2)], -2, "no_repeat_captions must be between 0"),
         "repetition_scope": ("word_starts", [(None, "word_starts"), ("", "word_starts"), ("tokens", "tokens")],
                              "letters", "repetition_scope must be one of tokens, words, word_starts"),
         "candidates": (3, [(None, 3), (0, 3), (1.0, 1)], 17, "candidates must be between 1 .off. and 16"),
