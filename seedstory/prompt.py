@@ -20,7 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .tokens import EOI_TOKEN, INST, ImageTokenIds, image_block_string, neutralize_text
+from .tokens import (
+    EOI_TOKEN, INST, ImageTokenIds, defuse_special_tokens, image_block_string, neutralize_text, special_token_strings,
+)
 
 IGNORE_INDEX = -100
 
@@ -87,10 +89,15 @@ class PromptFormat:
         self._eoi_prefix = tokenizer.encode(EOI_TOKEN, add_special_tokens=False)
         assert self._eoi_prefix == [self.image_ids.eoi]
         self._word_forms: Optional[WordForms] = None
+        image_strings = set(tokenizer.convert_ids_to_tokens(list(self.image_ids.all)))
+        self._specials = [t for t in special_token_strings(tokenizer) if t not in image_strings]
+        # ids the text may never produce (an unknown piece legitimately becomes <unk>)
+        self._special_ids = (set(getattr(tokenizer, "all_special_ids", []) or []) - set(self.image_ids.all)
+                             - {tokenizer.unk_token_id})
 
     # -- text pieces -------------------------------------------------------------------------
     def clean(self, text: str) -> str:
-        return neutralize_text(text) if self.sanitize else text
+        return defuse_special_tokens(neutralize_text(text), self._specials) if self.sanitize else text
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -103,6 +110,8 @@ class PromptFormat:
         count = sum(1 for i in ids if i in self.image_ids.all)
         if count != n_blocks * (self.num_img_tokens + 2):
             raise ValueError("text contains image tokens; they are reserved for image slots")
+        if self.sanitize and any(i in self._special_ids for i in ids):
+            raise ValueError("text contains a special token of the tokenizer")
 
     def context_string(self, captions: Sequence[str]) -> str:
         caps = [self.clean(c) for c in captions]

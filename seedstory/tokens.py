@@ -18,6 +18,9 @@ INST = "[INST]"
 _IMAGE_TOKEN_LIKE = re.compile(r"<\s*/?\s*img(?:_\s*\d+)?\s*>", re.IGNORECASE)
 _INST_LIKE = re.compile(r"\[\s*/?\s*INST\s*\]", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Bidirectional controls (embeddings, overrides, isolates, marks): a U+202E in a caption reverses how every
+# later character is shown, in the caption and the story tree.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class TokenizerError(ValueError):
@@ -66,17 +69,43 @@ def neutralize_text(text: str, max_chars: int | None = None) -> str:
 
     Image-token look-alikes get their angle brackets swapped for ‹ › so they can never open, fill or
     close an image slot, and ``[INST]`` look-alikes lose their brackets so text cannot fake a frame
-    boundary. Control characters go, whitespace is collapsed.
+    boundary. Control and bidirectional-control characters go, whitespace is collapsed. (A tokenizer's
+    own special tokens, such as ``</s>``, are defused by ``defuse_special_tokens``.)
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub(" ", text)
+    text = _BIDI.sub("", text)
     text = _IMAGE_TOKEN_LIKE.sub(lambda m: "‹" + m.group(0)[1:-1] + "›", text)
     text = _INST_LIKE.sub(lambda m: m.group(0)[1:-1].strip(), text)
     text = " ".join(text.split())
     if max_chars is not None and len(text) > max_chars:
         raise ValueError(f"text is {len(text)} characters long; the limit is {max_chars}")
+    return text
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token string ``tokenizer`` knows (its own set, not a list of ours), longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+_DEFUSE = str.maketrans({"<": "‹", ">": "›", "[": "(", "]": ")", "|": "¦"})
+
+
+def defuse_special_tokens(text: str, specials: list[str]) -> str:
+    """``text`` with every occurrence of a special token string turned into look-alike plain text (``</s>`` ->
+    ``‹/s›``), so a visitor's words can never become an end-of-sequence or any other control token."""
+    for token in specials:
+        if token in text:
+            safe = token.translate(_DEFUSE)
+            if safe == token:  # no bracket to swap: split it so the tokenizer cannot match it whole
+                safe = token[0] + " " + token[1:]
+            text = text.replace(token, safe)
     return text
 
 
