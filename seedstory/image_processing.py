@@ -71,12 +71,42 @@ def load_image(
         raise ImageError(f"the image is {w}x{h} pixels; at most {max_pixels:,} pixels are accepted")
     if min(w, h) < MIN_IMAGE_SIDE:
         raise ImageError(f"the image is {w}x{h} pixels; each side must be at least {MIN_IMAGE_SIDE}")
+    return _as_shown(image)
+
+
+MAX_ASPECT = 4.0  # a longer side than this many times the shorter is letterboxed, not squashed to a square
+
+
+def _as_shown(image: Image.Image) -> Image.Image:
+    """The picture as a photo viewer shows it, in 8-bit RGB: turned upright by its EXIF orientation, the first
+    frame of an animation, 16-bit and float greys scaled (not clipped to white), transparency over white, CMYK
+    and palettes converted, and a very long strip letterboxed on white to at most ``MAX_ASPECT``:1."""
+    from PIL import ImageOps
+
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except (OSError, ValueError, TypeError, SyntaxError):  # a broken EXIF block: show it as stored
+        pass
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        deep = image.mode.startswith("I;16") or image.mode == "F" or arr.max(initial=0) > 255
+        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        elif deep and image.mode != "F":
+            arr = arr / 257.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "P"):
+        if image.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa") or "transparency" in image.info:
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
         image = image.convert("RGB")
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        side = int(np.ceil(max(w, h) / MAX_ASPECT))
+        canvas = Image.new("RGB", (w, side) if w > h else (side, h), (255, 255, 255))
+        canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+        image = canvas
     return image
 
 

@@ -160,3 +160,47 @@ def test_bidirectional_controls_are_removed():
     from seedstory.tokens import neutralize_text
 
     assert neutralize_text("Pim \u202ewaves\u202c at \u2066Bodo\u2069.\u200f") == "Pim waves at Bodo."
+
+
+def _png_bytes(image, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def test_pictures_come_out_as_a_photo_viewer_shows_them():
+    import numpy as np
+
+    from seedstory.image_processing import MAX_ASPECT, load_image
+
+    grey16 = Image.fromarray(np.full((20, 30), 32768, dtype=np.uint16))
+    assert grey16.mode.startswith("I")
+    out = load_image(_png_bytes(grey16))
+    assert out.mode == "RGB" and abs(int(np.asarray(out)[5, 5, 0]) - 128) <= 1  # mid-grey, not white
+
+    # EXIF orientation 6: stored sideways, shown turned 90 degrees clockwise
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the stored left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = load_image(_png_bytes(stored, format="JPEG", exif=exif.tobytes()))
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[2, 10, 2] > 200  # the stored left is now on top
+
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    assert np.asarray(load_image(_png_bytes(pal, transparency=0))).min() == 255  # transparent over white
+
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red
+    r, g, b = np.asarray(load_image(_png_bytes(cmyk, format="JPEG")))[8, 8].tolist()
+    assert r > 200 and g < 60 and b < 60
+
+    frames = [Image.new("RGB", (16, 16), c) for c in ((0, 255, 0), (255, 0, 0))]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    first = np.asarray(load_image(gif.getvalue()))[8, 8]
+    assert first[1] > 200 and first[0] < 60  # the first frame
+
+    strip = load_image(Image.new("RGB", (1000, 10), (0, 0, 0)))
+    assert strip.size == (1000, int(1000 / MAX_ASPECT)) and np.asarray(strip)[0, 0].tolist() == [255, 255, 255]
