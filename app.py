@@ -33,7 +33,9 @@ SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
 
-def build_app(holder: ModelHolder) -> gr.Blocks:
+def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Blocks:
+    """The app over the shared models in ``holder``. Which model runs is the operator's choice: visitors can
+    switch it only when ``allow_model_switch`` (a private machine), never on a public server by default."""
     def picture(session, frame):
         """The frame's picture as a PNG written once. Gradio re-saves a PIL image into its cache on every render,
         in place, so a browser or client fetching it meanwhile could get a truncated file (two sessions showing
@@ -171,7 +173,7 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
     @guarded
     def load_session(session, file):
         session = new_session(session)
-        logic.load(session, file)
+        logic.load(session, file, holder)
         return render(session, "Story loaded.")
 
     def load_model(preset):
@@ -235,8 +237,9 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
                 tree_view = gr.HTML()
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                preset = gr.Dropdown(list_presets(), value=holder.preset, label="Model preset")
-                load_btn = gr.Button("Load model")
+                preset = gr.Dropdown(list_presets(), value=holder.preset, label="Model preset",
+                                     visible=allow_model_switch)
+                load_btn = gr.Button("Load model", visible=allow_model_switch)
                 model_info = gr.Markdown()
             with gr.Row():
                 decoding = gr.Radio(["preset", "greedy", "sampling"], value="preset",
@@ -297,14 +300,20 @@ def build_app(holder: ModelHolder) -> gr.Blocks:
         export_btn.click(export_story, [session, fmt], [out_file], api_name="export_story")
         save_btn.click(save_session, [session], [out_file], api_name="save_session")
         load_story_btn.click(load_session, [session, load_file], view, api_name="load_session")
-        load_btn.click(load_model, [preset], [model_info], api_name="load_model", concurrency_limit=1)
+        if allow_model_switch:
+            load_btn.click(load_model, [preset], [model_info], api_name="load_model", concurrency_limit=1)
         demo.load(model_status, None, [model_info], api_name=False)
     return demo
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="SEED-Story web app")
-    parser.add_argument("--preset", default=None, help=f"model preset ({', '.join(list_presets())})")
+    parser.add_argument("--preset", default=os.environ.get("SEEDSTORY_PRESET"),
+                        help=f"model preset ({', '.join(list_presets())}); default: $SEEDSTORY_PRESET, else the demo")
+    parser.add_argument("--allow-model-switch", action="store_true",
+                        default=os.environ.get("SEEDSTORY_ALLOW_MODEL_SWITCH", "") not in ("", "0"),
+                        help="let visitors load another model for everyone (a private machine only; "
+                             "$SEEDSTORY_ALLOW_MODEL_SWITCH=1)")
     parser.add_argument("--concurrency", type=int, default=1, help="model calls at a time")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most")
     args = parser.parse_args(argv)
@@ -313,7 +322,7 @@ def main(argv=None) -> None:
         holder.pipeline()  # load at start so the first visitor does not wait; errors show in the UI too
     except Exception as e:  # noqa: BLE001 - the app still opens and says what is wrong
         print(f"warning: could not load preset {holder.preset!r}: {e}")
-    demo = build_app(holder)
+    demo = build_app(holder, allow_model_switch=args.allow_model_switch)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -315,8 +315,13 @@ def save(session) -> str:
     return save_story(session.require_tree(), path)
 
 
-def load(session, path: str) -> StoryTree:
+def load(session, path: str, holder: Optional[ModelHolder] = None) -> StoryTree:
+    """Replace the session's story with a saved one; refused, with the current story kept, when the file is not
+    a story or (given the ``holder``) was made by another model than the one this server runs."""
     if not path:
         raise StoryError("choose a saved story (.zip) to load")
-    session.tree = load_story(path)  # raises before touching the current story
+    tree = load_story(path)
+    if holder is not None:
+        engine_for(holder, UISettings()).check_model(tree)
+    session.tree = tree
     return session.tree

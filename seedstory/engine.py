@@ -175,6 +175,12 @@ class StoryEngine:
         # Drop control characters and broken bytes (a half-written multi-byte character).
         return " ".join(re.sub(r"[\x00-\x1f\x7f\ufffd]", " ", text).split())
 
+    def check_model(self, tree: StoryTree) -> None:
+        """A story's token ids and features belong to the model that made it: refuse to go on with another."""
+        if tree.model and tree.model != self.pipe.name:
+            raise StoryError(f"this story was made with the {tree.model!r} model, and this one is {self.pipe.name!r}; "
+                             f"continue it where {tree.model!r} runs, or start a new story")
+
     def _key(self, tree: StoryTree, frame_id: int):
         return (tree.uid, frame_id, self.mode, self.window)
 
@@ -239,6 +245,7 @@ class StoryEngine:
     def state_after(self, tree: StoryTree, frame_id: int) -> ContextState:
         """The context state right after ``frame_id``, from the store or built from the nearest cached
         ancestor (or from scratch)."""
+        self.check_model(tree)
         path = tree.path(frame_id)
         if self.mode == "recompute":
             return self._fresh_state(path[-self.window:])
@@ -346,9 +353,13 @@ class StoryEngine:
         ids = self.prompt.frame_ids(text, first=True)
         if len(ids) + 1 > self.max_positions // 2:
             raise StoryError("the opening text is too long for this model")
+        if tree is not None:
+            self.check_model(tree)
         with self.lock:
             features = self.pipe.encode_image(image)
-        tree = tree or StoryTree()
+        if tree is None:
+            tree = StoryTree()
+            tree.model = self.pipe.name
         self._add(tree, None, text, image, features, ids, None, self.pipe.settings, "opening")
         return tree
 

@@ -58,7 +58,7 @@ def story_to_files(tree: StoryTree, model_name: str = "") -> dict[str, bytes]:
         if f.painted_from is not None:
             tensors[f"painted_{f.id}"] = f.painted_from.detach().float().cpu().clone()
         frames.append(entry)
-    meta = {"format": STORY_FORMAT, "version": STORY_VERSION, "model": model_name, "roots": tree.roots,
+    meta = {"format": STORY_FORMAT, "version": STORY_VERSION, "model": model_name or tree.model, "roots": tree.roots,
             "current": tree.current, "path": [f.id for f in tree.path()], "frames": frames}
     files["story.json"] = json.dumps(meta, indent=1, ensure_ascii=False).encode()
     files["features.safetensors"] = st_save(tensors) if tensors else st_save({})
@@ -228,6 +228,7 @@ def load_story(path: str) -> StoryTree:
     except Exception as e:  # safetensors raises its own error types
         raise StoryFileError(f"{name}: features.safetensors is damaged ({e})") from None
     tree = StoryTree()
+    tree.model = str(meta.get("model") or "")
     try:
         by_id = {int(e["id"]): e for e in meta["frames"]}
         for fid in order:

@@ -49,6 +49,7 @@ class StoryTree:
         self.roots: list[int] = []
         self.current: Optional[int] = None
         self.uid = uuid.uuid4().hex  # identifies this story's cached states in a shared engine
+        self.model = ""  # the model that made it (its token ids and features are that model's); "" = unknown
         self._next_id = 0
 
     # -- building ---------------------------------------------------------------------------

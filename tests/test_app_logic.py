@@ -17,7 +17,7 @@ from seedstory.story import StoryError
 OPENING = "A fox with a red scarf sat under the old oak."
 API_NAMES = ["start_story", "next_frame", "next_frames", "stop", "regenerate_frame", "edit_frame", "branch_story",
              "select_frame", "previous_version", "next_version", "delete_frame", "export_story", "save_session",
-             "load_session", "load_model", "configure"]
+             "load_session", "configure"]
 
 
 @pytest.fixture(scope="module")
@@ -434,8 +434,10 @@ def test_build_app_lists_the_api(holder):
 
     import app
 
-    demo = app.build_app(holder)
+    assert "/load_model" in app.build_app(holder, allow_model_switch=True).get_api_info()["named_endpoints"]
+    demo = app.build_app(holder)  # a public server: visitors cannot switch the model everyone uses
     assert isinstance(demo, gr.Blocks)
+    assert "/load_model" not in demo.get_api_info()["named_endpoints"]
     named = demo.get_api_info()["named_endpoints"]
     assert set(f"/{name}" for name in API_NAMES) <= set(named), sorted(named)
     public = {d["api_name"] for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
@@ -454,7 +456,6 @@ def test_build_app_lists_the_api(holder):
     assert params("delete_frame") == ["frame"]
     assert params("export_story") == ["fmt"]
     assert params("load_session") == ["file"]
-    assert params("load_model") == ["preset"]
     labels = [r["label"] for r in named["/start_story"]["returns"]]
     assert labels[:3] == ["Storyboard (the current branch)", "Selected frame", "Frame text (edit, then apply)"]
     assert labels[4] == "Frame" and len(labels) == 7  # the session state is not part of the API
@@ -503,3 +504,26 @@ def test_text_decoding_defaults_to_the_presets_own():
             assert getattr(logic.UISettings(**{name: held}).generation(base), name) == want, (name, held)
         with pytest.raises(Exception, match=message):
             logic.UISettings(**{name: bad}).generation(base)
+
+
+def test_a_story_is_never_continued_by_another_model(holder, ui, picture, tmp_path):
+    """A story's token ids and features belong to the model that made it: another model refuses it with a clear
+    message (it used to fail deep inside with "260 is not in list"), and a loaded file from another model leaves
+    the session's story as it was."""
+    from seedstory.storage import load_story, save_story
+
+    session = logic.StorySession()
+    tree = logic.start_story(session, holder, picture, OPENING, ui)
+    assert tree.model == holder.pipeline().name == "tiny"
+    path = save_story(tree, str(tmp_path / "story.zip"))
+    assert load_story(path).model == "tiny"
+
+    other = load_story(path)
+    other.model = "seed-story-george"
+    save_story(other, str(tmp_path / "other.zip"))
+    with pytest.raises(StoryError, match="made with the 'seed-story-george' model"):
+        logic.load(session, str(tmp_path / "other.zip"), holder)
+    assert session.tree is tree  # nothing changed
+    with pytest.raises(StoryError, match="made with the 'seed-story-george' model"):
+        logic.engine_for(holder, ui).step(other)
+    assert len(list(logic.next_frames(session, holder, 1, ui))) == 1  # the visitor's own story goes on
