@@ -33,6 +33,20 @@ SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
 
+class PictureInput(gr.Image):
+    """An image upload handed to the app's own loader untouched: gr.Image opens every upload with PIL first, so an
+    empty file, a non-image or a decompression bomb raised Gradio's raw error, naming the server's temporary
+    path, before the app's messages could run."""
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return super().preprocess(payload)
+
+    def get_block_name(self) -> str:
+        return "image"  # the browser draws it with gr.Image's own front end
+
+
 def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Blocks:
     """The app over the shared models in ``holder``. Which model runs is the operator's choice: visitors can
     switch it only when ``allow_model_switch`` (a private machine), never on a public server by default."""
@@ -197,10 +211,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
         with gr.Row():
             with gr.Column(scale=1):
-                # image_mode=None: Gradio passes the upload's path untouched (it would otherwise decode and convert
-                # non-RGB pictures before load_image's size guard sees them); load_image converts to RGB itself.
-                image_in = gr.Image(type="filepath", image_mode=None, label="Opening picture",
-                                    sources=["upload", "clipboard"], height=256)
+                image_in = PictureInput(type="filepath", image_mode=None, label="Opening picture",
+                                        sources=["upload", "clipboard"], height=256)
                 picture_note = gr.Markdown()
                 text_in = gr.Textbox(label="Opening text", lines=3, placeholder="Once upon a time…")
                 start_btn = gr.Button("Start story", variant="primary")

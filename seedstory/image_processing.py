@@ -42,14 +42,17 @@ def load_image(
         if isinstance(source, (bytes, bytearray)):
             data, name = bytes(source), "the uploaded data"
         else:
-            name = os.fspath(source)
-            if not os.path.isfile(name):
+            path = os.fspath(source)
+            name = os.path.basename(path) or "the picture"  # messages never show a server's folders
+            if not os.path.isfile(path):
                 raise ImageError(f"image file not found: {name}")
-            size = os.path.getsize(name)
+            size = os.path.getsize(path)
+            if size == 0:
+                raise ImageError(f"{name} is empty: not a picture")
             if size > max_bytes:
                 raise ImageError(f"{name} is {size / 2**20:.1f} MiB; images up to {max_bytes / 2**20:.0f} MiB are accepted")
-            with open(name, "rb") as f:
-                data = f.read()
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ImageError(f"the image is {len(data) / 2**20:.1f} MiB; images up to {max_bytes / 2**20:.0f} MiB are accepted")
         try:
@@ -64,8 +67,8 @@ def load_image(
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name} is too large to decode safely (decompression bomb guard)") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{name} is not a readable image ({type(e).__name__})") from None
     w, h = image.size
     if w * h > max_pixels:
         raise ImageError(f"the image is {w}x{h} pixels; at most {max_pixels:,} pixels are accepted")

@@ -111,11 +111,15 @@ def test_mistakes_come_back_as_messages(app_server, opening_png, tmp_path, png_b
         call(client, api_name="/next_frame")
     with pytest.raises(AppError, match="the text is empty"):
         call(client, handle_file(opening_png), "   ", api_name="/start_story")
-    bad = tmp_path / "not-a-picture.png"
-    bad.write_bytes(b"GIF89a but not really")
-    # Gradio opens the upload (header only) before the app does, so an unreadable file may be refused by either.
-    with pytest.raises(AppError, match="not a readable image|cannot identify image file"):
-        call(client, handle_file(str(bad)), "A story.", api_name="/start_story")
+    # The app's own loader sees every upload (Gradio used to open it first and answer with its raw error and
+    # the server's temporary path); its messages name the file, never a server folder.
+    for name, data, message in [("not-a-picture.png", b"GIF89a but not really", "not-a-picture.png is not a readable"),
+                                ("empty.png", b"", "empty.png is empty")]:
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(AppError, match=message) as err:
+            call(client, handle_file(str(bad)), "A story.", api_name="/start_story")
+        assert "/" not in str(err.value)
     # Decompression-bomb headers are refused before anything is decoded, whatever the picture's mode.
     for name, (w, h, mode), message in [
         ("huge.png", (100000, 100000, "RGB"), "decompression bomb|pixels"),
