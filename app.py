@@ -204,8 +204,9 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
                                 repetition or None, no_repeat, scope or None, candidates or None, context_from or None)
 
-    with gr.Blocks(title="SEED-Story", analytics_enabled=False) as demo:
-        session = gr.State(None)
+    # Gradio's copies of uploads and outputs older than an hour are deleted every hour.
+    with gr.Blocks(title="SEED-Story", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        session = gr.State(None, delete_callback=lambda s: logic.close_session(s, holder))  # a visitor has gone
         ui = gr.State(logic.UISettings())
         gr.Markdown("# SEED-Story\nUpload an opening picture, write the first lines, and let the model continue the "
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")

@@ -247,6 +247,18 @@ def next_frames(
         yield engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
 
 
+def close_session(session, holder: ModelHolder) -> None:
+    """A visitor has gone: stop their generation, delete their files and drop their cached context states."""
+    import shutil
+
+    if not isinstance(session, StorySession):
+        return
+    session.stop_event.set()
+    if session.tree is not None:
+        holder.forget(session.tree.uid)
+    shutil.rmtree(session.workdir, ignore_errors=True)
+
+
 def stop(session: StorySession) -> None:
     session.stop_event.set()
 

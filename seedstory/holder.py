@@ -60,6 +60,11 @@ class ModelHolder:
                                                  lock=self.model_lock)
             return self._engines[key]
 
+    def forget(self, story_uid: str) -> None:
+        """Drop the cached context states of one story (its visitor has gone)."""
+        if self._store is not None:
+            self._store.drop(lambda key: key[0] == story_uid)
+
     def switch(self, preset: str, overrides: Optional[list[str]] = None) -> SeedStoryPipeline:
         """Load another preset; the old models are freed first so both never sit in memory at once."""
         with self.model_lock:

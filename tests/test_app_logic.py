@@ -527,3 +527,19 @@ def test_a_story_is_never_continued_by_another_model(holder, ui, picture, tmp_pa
     with pytest.raises(StoryError, match="made with the 'seed-story-george' model"):
         logic.engine_for(holder, ui).step(other)
     assert len(list(logic.next_frames(session, holder, 1, ui))) == 1  # the visitor's own story goes on
+
+
+def test_a_closed_session_leaves_nothing_behind(holder, ui, picture):
+    import os
+
+    session = logic.StorySession()
+    logic.start_story(session, holder, picture, OPENING, ui)
+    list(logic.next_frames(session, holder, 1, ui))
+    logic.save(session)
+    uid = session.tree.uid
+    store = holder._store
+    assert os.listdir(session.workdir) and any(k[0] == uid for k in list(store._items))
+    logic.close_session(session, holder)
+    assert not os.path.exists(session.workdir)
+    assert not any(k[0] == uid for k in list(store._items))
+    logic.close_session(None, holder)  # a visitor who never started anything
