@@ -174,7 +174,14 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     def delete_frame(session, ui, frame):
         session = new_session(session)
         logic.delete(session, holder, frame, ui)
-        return render(session, "Deleted.")
+        n = len(session.deleted.frames)
+        return render(session, f"Deleted {n} frame(s). **Undo delete** puts them back.")
+
+    @guarded
+    def undo_delete(session):
+        session = new_session(session)
+        top = logic.undo_delete(session)
+        return render(session, f"Put back frame #{top.id} and what follows it.")
 
     @guarded
     def export_story(session, fmt):
@@ -244,7 +251,9 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 regen_btn = gr.Button("Regenerate this frame")
                 branch_text = gr.Textbox(label="Branch here with this text (empty: let the model write)", lines=2)
                 branch_btn = gr.Button("Branch here")
-                delete_btn = gr.Button("Delete this frame and what follows", variant="stop")
+                with gr.Row():
+                    delete_btn = gr.Button("Delete this frame and what follows", variant="stop")
+                    undo_btn = gr.Button("Undo delete")
             with gr.Column(scale=1):
                 gr.Markdown("### Story tree")
                 tree_view = gr.HTML()
@@ -310,6 +319,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         prev_btn.click(lambda s: sibling(s, -1), [session], view, api_name="previous_version")
         next_sib_btn.click(lambda s: sibling(s, 1), [session], view, api_name="next_version")
         delete_btn.click(delete_frame, [session, ui, frame_sel], view, api_name="delete_frame")
+        undo_btn.click(undo_delete, [session], view, api_name="undo_delete")
         export_btn.click(export_story, [session, fmt], [out_file], api_name="export_story")
         save_btn.click(save_session, [session], [out_file], api_name="save_session")
         load_story_btn.click(load_session, [session, load_file], view, api_name="load_session")

@@ -19,7 +19,7 @@ from .export import FORMATS, export_story
 from .holder import ModelHolder
 from .image_processing import load_image
 from .storage import load_story, save_story
-from .story import Frame, StoryError, StoryTree
+from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25
 PART_CHOICES = {"text and image": "both", "text only": "text", "image only": "image"}
@@ -77,6 +77,7 @@ class StorySession:
     tree: Optional[StoryTree] = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="seedstory-session-"))
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    deleted: Optional[Detached] = field(default=None, repr=False)  # the last delete, until undone or another
 
     def require_tree(self) -> StoryTree:
         if self.tree is None or not self.tree.frames:
@@ -215,7 +216,7 @@ def start_story(session: StorySession, holder: ModelHolder, image, text: str, ui
         raise StoryError("upload an opening picture (or pick an example)")
     picture = load_image(image)
     engine = engine_for(holder, ui)
-    session.tree = engine.start(picture, text)
+    session.tree, session.deleted = engine.start(picture, text), None
     return session.tree
 
 
@@ -311,7 +312,17 @@ def delete(session, holder, frame, ui: UISettings) -> None:
     fid = session.frame_id(frame)
     if tree.get(fid).parent is None and len(tree.roots) == 1:
         raise StoryError("this is the only opening frame; start a new story instead")
-    engine_for(holder, ui).delete(tree, fid)
+    session.deleted = engine_for(holder, ui).detach(tree, fid)
+
+
+def undo_delete(session) -> Frame:
+    """Put back what the last delete took (once)."""
+    tree = session.require_tree()
+    if session.deleted is None:
+        raise StoryError("there is no delete to undo")
+    top = tree.reattach(session.deleted)
+    session.deleted = None
+    return top
 
 
 def export(session, fmt: str) -> str:
@@ -335,5 +346,5 @@ def load(session, path: str, holder: Optional[ModelHolder] = None) -> StoryTree:
     tree = load_story(path)
     if holder is not None:
         engine_for(holder, UISettings()).check_model(tree)
-    session.tree = tree
+    session.tree, session.deleted = tree, None
     return session.tree

@@ -34,7 +34,7 @@ from .image_processing import ImageInput, load_image
 from .models.agent import DecodingConfig
 from .models.kv import KV, kv_nbytes, kv_select
 from .pipeline import SeedStoryPipeline
-from .story import Frame, StoryError, StoryTree
+from .story import Detached, Frame, StoryError, StoryTree
 from .tokens import neutralize_text
 
 MODES = ("recompute", "window", "sink")
@@ -485,9 +485,14 @@ class StoryEngine:
         return frame
 
     def delete(self, tree: StoryTree, frame_id: int) -> list[int]:
-        doomed = set(tree.delete(frame_id))
+        return sorted(f.id for f in self.detach(tree, frame_id).frames)
+
+    def detach(self, tree: StoryTree, frame_id: int) -> Detached:
+        """Delete a frame and what follows it, returning them for ``StoryTree.reattach`` (undo)."""
+        kept = tree.detach(frame_id)
+        doomed = {f.id for f in kept.frames}
         self.store.drop(lambda key: key[0] == tree.uid and key[1] in doomed)
-        return sorted(doomed)
+        return kept
 
 
 class _NeedsRebuild(Exception):

@@ -85,6 +85,29 @@ class StoryTree:
             self.current = frame.parent if frame.parent is not None else (self.roots[0] if self.roots else None)
         return doomed
 
+    def detach(self, frame_id: int) -> "Detached":
+        """Delete a frame and everything below it, keeping what ``reattach`` needs to put it all back."""
+        frame = self.get(frame_id)
+        siblings = self.roots if frame.parent is None else self.get(frame.parent).children
+        kept = Detached(frames=list(self.subtree(frame_id)), index=siblings.index(frame_id), current=self.current)
+        self.delete(frame_id)
+        return kept
+
+    def reattach(self, kept: "Detached") -> Frame:
+        """Put back what ``detach`` took, where it was; the frame that was current is current again."""
+        top = kept.frames[0]
+        if top.parent is not None and top.parent not in self.frames:
+            raise StoryError("the frame it hung from is gone; it cannot be put back")
+        if any(f.id in self.frames for f in kept.frames):
+            raise StoryError("those frames are already in the story")
+        for f in kept.frames:
+            self.frames[f.id] = f
+        siblings = self.roots if top.parent is None else self.get(top.parent).children
+        siblings.insert(min(kept.index, len(siblings)), top.id)
+        if kept.current in self.frames:
+            self.current = kept.current
+        return top
+
     # -- reading ----------------------------------------------------------------------------
     def get(self, frame_id: int) -> Frame:
         try:
@@ -135,3 +158,13 @@ class StoryTree:
         frame = self.get(frame_id)
         self.current = frame_id
         return frame
+
+
+@dataclass
+class Detached:
+    """A deleted subtree, kept to undo the delete: its frames (parent first), its place among its siblings and the
+    frame that was current."""
+
+    frames: list
+    index: int
+    current: Optional[int]

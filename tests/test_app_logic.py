@@ -16,7 +16,7 @@ from seedstory.story import StoryError
 
 OPENING = "A fox with a red scarf sat under the old oak."
 API_NAMES = ["start_story", "next_frame", "next_frames", "stop", "regenerate_frame", "edit_frame", "branch_story",
-             "select_frame", "previous_version", "next_version", "delete_frame", "export_story", "save_session",
+             "select_frame", "previous_version", "next_version", "delete_frame", "undo_delete", "export_story", "save_session",
              "load_session", "configure"]
 
 
@@ -543,3 +543,21 @@ def test_a_closed_session_leaves_nothing_behind(holder, ui, picture):
     assert not os.path.exists(session.workdir)
     assert not any(k[0] == uid for k in list(store._items))
     logic.close_session(None, holder)  # a visitor who never started anything
+
+
+def test_a_delete_can_be_undone_once(holder, ui, picture):
+    session = logic.StorySession()
+    logic.start_story(session, holder, picture, OPENING, ui)
+    frames = list(logic.next_frames(session, holder, 3, ui))
+    other = logic.branch(session, holder, f"#{frames[0].id}", "Then it rained.", ui)
+    tree = session.tree
+    before = {f.id: (f.parent, list(f.children), f.text) for f in tree.frames.values()}
+    logic.select(session, f"#{frames[1].id}")
+    logic.delete(session, holder, f"#{frames[1].id}", ui)
+    assert frames[1].id not in tree and frames[2].id not in tree and other.id in tree
+    top = logic.undo_delete(session)
+    assert top.id == frames[1].id and tree.current == frames[1].id
+    assert {f.id: (f.parent, list(f.children), f.text) for f in tree.frames.values()} == before
+    with pytest.raises(StoryError, match="no delete to undo"):
+        logic.undo_delete(session)
+    assert len(list(logic.next_frames(session, holder, 1, ui))) == 1  # the story goes on from the restored frame
