@@ -131,6 +131,17 @@ def test_story_in_the_browser(app_server, page):
         pictures_loaded()
         shot("three-frames")
 
+        # A mistake mid-story is a message on the status line; the storyboard and the frame stay as they were.
+        click("Undo delete")
+        expect(toasts.filter(has_text="no delete to undo")).to_be_visible()
+        expect(thumbs).to_have_count(3)
+        expect(page.locator(".thumbnail-item img")).to_have_count(3)
+        badges = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid=status-tracker]'))
+            .filter(t => /\\bError\\b/.test(t.innerText)).length""")
+        assert badges == 1, f"{badges} components show an error badge; only the status line should"
+        page.get_by_test_id("toast-close").first.click()
+        expect(toasts).to_have_count(0)
+
         # Regenerate the last frame twice with the seed box left as it is: each time a new seed, a new version.
         click("Regenerate this frame")
         first = status(r"Regenerated as frame #3 \(seed \d+\)")
