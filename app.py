@@ -66,6 +66,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         return path
 
     def render(session, message=""):
+        logic.autosave(session)  # so a page reload finds the story again
         tree = session.tree
         current = tree.get(tree.current) if tree is not None and tree.current is not None else None
         choices = logic.frame_choices(session)
@@ -103,6 +104,11 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
 
     def new_session(session):
         return session if isinstance(session, logic.StorySession) else logic.StorySession()
+
+    def resume(session, key):
+        session = new_session(session)
+        key = logic.resume(session, holder, key)
+        return (key, *render(session, "Your story is back where you left it." if session.tree is not None else ""))
 
     @gpu
     @guarded
@@ -215,6 +221,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     with gr.Blocks(title="SEED-Story", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         session = gr.State(None, delete_callback=lambda s: logic.close_session(s, holder))  # a visitor has gone
         ui = gr.State(logic.UISettings())
+        browser_key = gr.BrowserState(None, storage_key="seedstory-story")  # finds the story after a reload
         gr.Markdown("# SEED-Story\nUpload an opening picture, write the first lines, and let the model continue the "
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
         with gr.Row():
@@ -328,6 +335,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         if allow_model_switch:
             load_btn.click(load_model, [preset], [model_info], api_name="load_model", concurrency_limit=1)
         demo.load(model_status, None, [model_info], api_name=False)
+        demo.load(resume, [session, browser_key], [browser_key, *view], api_name=False, **on_status)
     return demo
 
 
@@ -343,6 +351,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most")
     args = parser.parse_args(argv)
     holder = ModelHolder(args.preset or default_preset())
+    logic.prune_autosaves()
     try:
         holder.pipeline()  # load at start so the first visitor does not wait; errors show in the UI too
     except Exception as e:  # noqa: BLE001 - the app still opens and says what is wrong

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import tempfile
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -18,7 +21,7 @@ from .engine import StoryEngine
 from .export import FORMATS, export_story
 from .holder import ModelHolder
 from .image_processing import load_image
-from .storage import load_story, save_story
+from .storage import StoryFileError, load_story, save_story
 from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25
@@ -78,6 +81,8 @@ class StorySession:
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="seedstory-session-"))
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     deleted: Optional[Detached] = field(default=None, repr=False)  # the last delete, until undone or another
+    browser_key: Optional[str] = None  # the browser's secret key for its autosave (``resume``)
+    saved_pngs: dict = field(default_factory=dict, repr=False)  # pictures already encoded for the autosave
 
     def require_tree(self) -> StoryTree:
         if self.tree is None or not self.tree.frames:
@@ -246,6 +251,61 @@ def next_frames(
                 progress(f"frame {i + 1}/{n}: {stage}", (i + fraction) / n)
 
         yield engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
+
+
+# -- surviving a page reload --------------------------------------------------------------------------
+AUTOSAVE_HOURS = 24
+_BROWSER_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def autosave_dir() -> str:
+    """Where stories wait for their browser to come back (``SEEDSTORY_AUTOSAVE_DIR``, else the temp folder)."""
+    return os.environ.get("SEEDSTORY_AUTOSAVE_DIR") or os.path.join(tempfile.gettempdir(), "seedstory-autosave")
+
+
+def _autosave_path(key: str) -> str:
+    return os.path.join(autosave_dir(), f"{key}.zip")
+
+
+def resume(session: StorySession, holder: ModelHolder, key) -> str:
+    """On page load: take the browser's key (a new random one when it has none or a malformed one) and give the
+    session the story autosaved under it, if any and if this server's model made it. Returns the key for the
+    browser to keep. A key is 128 random bits that only its browser holds: no visitor can name another's."""
+    if not (isinstance(key, str) and _BROWSER_KEY.match(key)):
+        key = uuid.uuid4().hex
+    session.browser_key = key
+    path = _autosave_path(key)
+    if session.tree is None and os.path.isfile(path):
+        try:
+            tree = load_story(path)
+            engine_for(holder, UISettings()).check_model(tree)
+        except (StoryFileError, StoryError):
+            return key  # not a story this server can continue: start afresh
+        session.tree, session.deleted, session.saved_pngs = tree, None, {}
+    return key
+
+
+def autosave(session: StorySession) -> None:
+    """Save the session's story where ``resume`` finds it after a reload."""
+    if session.browser_key is None or session.tree is None or not session.tree.frames:
+        return
+    if session.saved_pngs.get("_tree") != session.tree.uid:
+        session.saved_pngs = {"_tree": session.tree.uid}
+    os.makedirs(autosave_dir(), exist_ok=True)
+    save_story(session.tree, _autosave_path(session.browser_key), png_cache=session.saved_pngs)
+
+
+def prune_autosaves(max_age_hours: float = AUTOSAVE_HOURS) -> int:
+    """Delete autosaves no browser came back to within ``max_age_hours``; returns how many."""
+    folder, cutoff, gone = autosave_dir(), time.time() - max_age_hours * 3600, 0
+    if not os.path.isdir(folder):
+        return 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.getmtime(path) < cutoff:
+            os.remove(path)
+            gone += 1
+    return gone
 
 
 def close_session(session, holder: ModelHolder) -> None:

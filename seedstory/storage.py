@@ -37,8 +37,9 @@ def _frame_png(frame: Frame) -> str:
     return f"frames/{frame.id:04d}.png"
 
 
-def story_to_files(tree: StoryTree, model_name: str = "") -> dict[str, bytes]:
-    """The files of a saved story, as {relative path: bytes}."""
+def story_to_files(tree: StoryTree, model_name: str = "", png_cache: Optional[dict] = None) -> dict[str, bytes]:
+    """The files of a saved story, as {relative path: bytes}. ``png_cache`` ({frame id: PNG bytes}, for one tree:
+    a frame's picture never changes) saves re-encoding the pictures of a story saved again and again."""
     files: dict[str, bytes] = {}
     frames, tensors = [], {}
     for fid in sorted(tree.frames):
@@ -47,10 +48,15 @@ def story_to_files(tree: StoryTree, model_name: str = "") -> dict[str, bytes]:
                  "origin": f.origin, "children": f.children, "token_ids": f.token_ids, "created": f.created,
                  "image": None}
         if f.image is not None:
-            buf = io.BytesIO()
-            f.image.save(buf, format="PNG")
+            data = png_cache.get(f.id) if png_cache is not None else None
+            if data is None:
+                buf = io.BytesIO()
+                f.image.save(buf, format="PNG")
+                data = buf.getvalue()
+                if png_cache is not None:
+                    png_cache[f.id] = data
             entry["image"] = _frame_png(f)
-            files[entry["image"]] = buf.getvalue()
+            files[entry["image"]] = data
         # clones: a repainted frame shares its features with the frame it repaints, and safetensors refuses
         # tensors that share memory
         if f.features is not None:
@@ -65,9 +71,9 @@ def story_to_files(tree: StoryTree, model_name: str = "") -> dict[str, bytes]:
     return files
 
 
-def save_story(tree: StoryTree, path: str, model_name: str = "") -> str:
+def save_story(tree: StoryTree, path: str, model_name: str = "", png_cache: Optional[dict] = None) -> str:
     """Save to ``path`` (a directory, or a ``.zip`` file if the name ends so), atomically."""
-    files = story_to_files(tree, model_name)
+    files = story_to_files(tree, model_name, png_cache)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

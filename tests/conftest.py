@@ -66,7 +66,7 @@ def app_server(tmp_path_factory):
     log_path = logdir / "server.log"
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
                GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               GRADIO_TEMP_DIR=str(logdir / "gradio-tmp"))
+               GRADIO_TEMP_DIR=str(logdir / "gradio-tmp"), SEEDSTORY_AUTOSAVE_DIR=str(logdir / "autosave"))
     # The server shares the CPUs with pytest and the browser: one torch thread avoids oversubscription,
     # which makes the tiny model several times slower on a busy 2-core machine.
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -561,3 +561,36 @@ def test_a_delete_can_be_undone_once(holder, ui, picture):
     with pytest.raises(StoryError, match="no delete to undo"):
         logic.undo_delete(session)
     assert len(list(logic.next_frames(session, holder, 1, ui))) == 1  # the story goes on from the restored frame
+
+
+def test_a_story_survives_a_page_reload(holder, ui, picture, tmp_path, monkeypatch):
+    """Each browser keeps a random key; the story is autosaved under it and a new session (the reloaded page)
+    with the same key gets it back. A malformed key gets a fresh one; another model's story is not resumed."""
+    import os
+    import time
+
+    monkeypatch.setenv("SEEDSTORY_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+    first = logic.StorySession()
+    key = logic.resume(first, holder, None)
+    assert re.fullmatch(r"[0-9a-f]{32}", key) and first.tree is None
+    logic.start_story(first, holder, picture, OPENING, ui)
+    list(logic.next_frames(first, holder, 2, ui))
+    logic.autosave(first)
+
+    again = logic.StorySession()  # the page is reloaded: a new session, the same browser key
+    assert logic.resume(again, holder, key) == key
+    assert [f.text for f in again.tree.path()] == [f.text for f in first.tree.path()]
+    assert len(list(logic.next_frames(again, holder, 1, ui))) == 1
+
+    for bad in ("../../etc/passwd", "A" * 32, 42, ""):
+        stranger = logic.StorySession()
+        assert logic.resume(stranger, holder, bad) != key and stranger.tree is None
+
+    first.tree.model = "another-model"
+    logic.autosave(first)
+    elsewhere = logic.StorySession()
+    assert logic.resume(elsewhere, holder, key) == key and elsewhere.tree is None
+
+    old = tmp_path / "autosave" / f"{key}.zip"
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert logic.prune_autosaves() == 1 and not old.exists()

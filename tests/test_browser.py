@@ -210,6 +210,14 @@ def test_story_in_the_browser(app_server, page):
 
         expect(toasts).to_have_count(0)
         assert page.page_errors == [], page.page_errors
+
+        # A reload does not lose the story: it comes back where it was.
+        page.reload(wait_until="load")
+        status("Your story is back where you left it")
+        expect(thumbs).to_have_count(3)
+        expect(captions.last).to_have_text(f"2. {BRANCH}")
+        expect(info).to_contain_text("Frame #5")
+        shot("reloaded")
     except BaseException:
         try:
             page.screenshot(path=os.path.join(ARTIFACTS, "failure.png"), full_page=True)
