@@ -3,6 +3,7 @@ view functions that turn a story into what the widgets show. ``app.py`` only wir
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -25,6 +26,7 @@ from .storage import StoryFileError, load_story, save_story
 from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25
+MAX_STORY_FRAMES = 500  # frames in one visitor's story tree, all branches together (each holds a picture)
 PART_CHOICES = {"text and image": "both", "text only": "text", "image only": "image"}
 
 
@@ -82,6 +84,7 @@ class StorySession:
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     deleted: Optional[Detached] = field(default=None, repr=False)  # the last delete, until undone or another
     browser_key: Optional[str] = None  # the browser's secret key for its autosave (``resume``)
+    writing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one generation at a time
     saved_pngs: dict = field(default_factory=dict, repr=False)  # pictures already encoded for the autosave
 
     def require_tree(self) -> StoryTree:
@@ -216,12 +219,28 @@ def engine_for(holder: ModelHolder, ui: UISettings) -> StoryEngine:
     return holder.engine(ui.mode or "window", int(ui.window) if ui.window else None)
 
 
+@contextlib.contextmanager
+def one_at_a_time(session: StorySession, growing: bool = True):
+    """One generation per visitor at a time (a second tab or a double click gets a message, not a queue slot),
+    and a story tree of at most ``MAX_STORY_FRAMES`` frames when ``growing``."""
+    if growing and session.tree is not None and len(session.tree) >= MAX_STORY_FRAMES:
+        raise StoryError(f"this story has {len(session.tree)} frames, the most one story may hold; delete a branch "
+                         "or start a new story")
+    if not session.writing.acquire(blocking=False):
+        raise StoryError("this story is already being written; wait for the frame in progress (or press Stop)")
+    try:
+        yield
+    finally:
+        session.writing.release()
+
+
 def start_story(session: StorySession, holder: ModelHolder, image, text: str, ui: UISettings) -> StoryTree:
     if image is None:
         raise StoryError("upload an opening picture (or pick an example)")
     picture = load_image(image)
     engine = engine_for(holder, ui)
-    session.tree, session.deleted = engine.start(picture, text), None
+    with one_at_a_time(session, growing=False):
+        session.tree, session.deleted = engine.start(picture, text), None
     return session.tree
 
 
@@ -250,7 +269,9 @@ def next_frames(
             if progress:
                 progress(f"frame {i + 1}/{n}: {stage}", (i + fraction) / n)
 
-        yield engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
+        with one_at_a_time(session):
+            frame = engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
+        yield frame
 
 
 # -- surviving a page reload --------------------------------------------------------------------------
@@ -329,21 +350,24 @@ def regenerate(session, holder, frame, part: str, seed, ui: UISettings) -> Frame
     engine = engine_for(holder, ui)
     part = PART_CHOICES.get(part, part)
     seed = int(seed) if seed not in (None, "") else None
-    return engine.regenerate(tree, session.frame_id(frame), part, seed, ui.generation(engine.pipe.settings))
+    with one_at_a_time(session):
+        return engine.regenerate(tree, session.frame_id(frame), part, seed, ui.generation(engine.pipe.settings))
 
 
 def edit(session, holder, frame, text: str, ui: UISettings) -> Frame:
     engine = engine_for(holder, ui)
-    return engine.edit_text(session.require_tree(), session.frame_id(frame), text,
-                            settings=ui.generation(engine.pipe.settings))
+    with one_at_a_time(session):
+        return engine.edit_text(session.require_tree(), session.frame_id(frame), text,
+                                settings=ui.generation(engine.pipe.settings))
 
 
 def branch(session, holder, frame, text: Optional[str], ui: UISettings) -> Frame:
     engine = engine_for(holder, ui)
     text = text if text and text.strip() else None
     seed = int(ui.seed) if ui.seed not in (None, "") else None
-    return engine.branch(session.require_tree(), session.frame_id(frame), text, seed,
-                         ui.generation(engine.pipe.settings))
+    with one_at_a_time(session):
+        return engine.branch(session.require_tree(), session.frame_id(frame), text, seed,
+                             ui.generation(engine.pipe.settings))
 
 
 def select(session, frame) -> Frame:

@@ -594,3 +594,22 @@ def test_a_story_survives_a_page_reload(holder, ui, picture, tmp_path, monkeypat
     old = tmp_path / "autosave" / f"{key}.zip"
     os.utime(old, (time.time() - 2 * 86400,) * 2)
     assert logic.prune_autosaves() == 1 and not old.exists()
+
+
+def test_one_generation_per_visitor_and_a_bounded_story(holder, ui, picture, monkeypatch):
+    session = logic.StorySession()
+    logic.start_story(session, holder, picture, OPENING, ui)
+    with logic.one_at_a_time(session):  # a frame is being written (another tab, a double click)
+        with pytest.raises(StoryError, match="already being written"):
+            list(logic.next_frames(session, holder, 1, ui))
+        with pytest.raises(StoryError, match="already being written"):
+            logic.branch(session, holder, "#0", "Then it snowed.", ui)
+    assert len(list(logic.next_frames(session, holder, 1, ui))) == 1  # free again
+    other = logic.StorySession()  # another visitor is never held up by this one's lock
+    with logic.one_at_a_time(session):
+        logic.start_story(other, holder, picture, OPENING, ui)
+    monkeypatch.setattr(logic, "MAX_STORY_FRAMES", len(session.tree))
+    with pytest.raises(StoryError, match="the most one story may hold"):
+        list(logic.next_frames(session, holder, 1, ui))
+    logic.delete(session, holder, f"#{session.tree.current}", ui)
+    assert len(list(logic.next_frames(session, holder, 1, ui))) == 1
