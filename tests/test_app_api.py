@@ -144,10 +144,48 @@ def test_mistakes_come_back_as_messages(app_server, opening_png, tmp_path, png_b
 CLIENTS = 8
 
 
-def test_concurrent_sessions_stay_apart(app_server, opening_png):
-    """Eight clients at once, each with its own story: none sees another's frames, none is lost."""
-    results, errors = {}, {}
-    barrier = threading.Barrier(CLIENTS, timeout=120)
+def _hostile_files(folder, png_bomb):
+    """A saved session whose frames are each other's children (it used to hang the server), a zip bomb, a picture
+    bomb and an empty picture."""
+    import json
+    import zipfile
+
+    folder.mkdir(exist_ok=True)
+    cycle = folder / "cycle.zip"
+    frames = [{"id": 0, "parent": None, "children": [1], "text": "a"}, {"id": 1, "parent": 0, "children": [0], "text": "b"}]
+    with zipfile.ZipFile(cycle, "w") as zf:
+        zf.writestr("story.json", json.dumps({"format": "seedstory-story", "version": 1, "roots": [0],
+                                              "frames": frames}))
+    bomb = folder / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("story.json", "{}")
+        zf.writestr("frames/0000.png", bytes(40 * 2**20))
+    huge = folder / "huge.png"
+    huge.write_bytes(png_bomb(100000, 100000))
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    return [("/load_session", cycle), ("/load_session", bomb), ("/start_story", huge), ("/start_story", empty)]
+
+
+def test_concurrent_sessions_stay_apart(app_server, opening_png, tmp_path, png_bomb):
+    """Eight clients at once, each with its own story, and a hostile one beside them sending a cyclic session
+    file, a zip bomb and picture bombs: none of the eight sees another's frames, none is lost or held up, the
+    hostile one gets a message for each file, and the server answers a new client afterwards."""
+    results, errors, refused = {}, {}, []
+    barrier = threading.Barrier(CLIENTS + 1, timeout=120)
+
+    def hostile():
+        try:
+            client = new_client(app_server)
+            barrier.wait()
+            for api, path in _hostile_files(tmp_path / "hostile", png_bomb):
+                args = (handle_file(str(path)),) if api == "/load_session" else (handle_file(str(path)), "A story.")
+                try:
+                    call(client, *args, api_name=api)
+                except AppError as e:
+                    refused.append((path.name, str(e)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors["hostile"] = repr(e)
 
     def run(k):
         try:
@@ -161,12 +199,16 @@ def test_concurrent_sessions_stay_apart(app_server, opening_png):
             errors[k] = repr(e)
 
     threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(CLIENTS)]
+    threads.append(threading.Thread(target=hostile, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
         t.join(CALL_TIMEOUT_S * 4)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert not errors, errors
+    assert [name for name, _ in refused] == ["cycle.zip", "bomb.zip", "huge.png", "empty.png"], refused
+    for _, message in refused:  # no server path reaches a visitor
+        assert "/tmp" not in message and "gradio" not in message and not re.search(r"(^|\s)/\w", message), message
     assert sorted(results) == list(range(CLIENTS))
     for k, (opening, first, steps) in results.items():
         assert captions(first) == [f"0. {opening}"]
@@ -180,6 +222,8 @@ def test_concurrent_sessions_stay_apart(app_server, opening_png):
         others = [f"Story number {j} " for j in range(CLIENTS) if j != k]
         flat = " ".join(captions(last) + labels + [last[TREE]])
         assert not any(o in flat for o in others), (k, flat)
+    after = call(new_client(app_server), handle_file(opening_png), "After the storm.", api_name="/start_story")
+    assert captions(after) == ["0. After the storm."]
 
 
 def test_readme_client_example_runs(app_server, monkeypatch):
