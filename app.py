@@ -91,7 +91,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 try:
                     yield from fn(*args, **kwargs)
                 except USER_ERRORS as e:
-                    raise gr.Error(str(e)) from None
+                    raise gr.Error(str(e), print_exception=False) from None
             return gen_wrapper
 
         @functools.wraps(fn)
@@ -99,7 +99,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             try:
                 return fn(*args, **kwargs)
             except USER_ERRORS as e:
-                raise gr.Error(str(e)) from None
+                raise gr.Error(str(e), print_exception=False) from None
         return wrapper
 
     def new_session(session):

@@ -52,6 +52,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServedApp(str):
+    """The app's URL, with ``log``: the path of the server's output."""
+
+    def __new__(cls, url, log):
+        made = super().__new__(cls, url)
+        made.log = log
+        return made
+
+
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """``python app.py --preset tiny`` on a free port, started once per test session; yields its URL.
@@ -100,7 +109,7 @@ def app_server(tmp_path_factory):
                 raise RuntimeError(f"app.py did not answer on {url} within {APP_START_TIMEOUT_S} s:\n"
                                    f"{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield ServedApp(url, log_path)
     finally:
         stop_server()
 
