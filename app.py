@@ -33,18 +33,20 @@ SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
 
-class PictureInput(gr.Image):
-    """An image upload handed to the app's own loader untouched: gr.Image opens every upload with PIL first, so an
+def hand_upload_to_app(component: gr.Image) -> gr.Image:
+    """Let an image upload reach the app's own loader untouched: gr.Image opens every upload with PIL first, so an
     empty file, a non-image or a decompression bomb raised Gradio's raw error, naming the server's temporary
-    path, before the app's messages could run."""
+    path, before the app's messages could run. (An instance override: a gr.Image subclass would make Gradio
+    write a stub file next to this one.)"""
+    own = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
-        return super().preprocess(payload)
+        return own(payload)
 
-    def get_block_name(self) -> str:
-        return "image"  # the browser draws it with gr.Image's own front end
+    component.preprocess = preprocess
+    return component
 
 
 def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Blocks:
@@ -226,8 +228,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
         with gr.Row():
             with gr.Column(scale=1):
-                image_in = PictureInput(type="filepath", image_mode=None, label="Opening picture",
-                                        sources=["upload", "clipboard"], height=256)
+                image_in = hand_upload_to_app(gr.Image(type="filepath", image_mode=None, label="Opening picture",
+                                                       sources=["upload", "clipboard"], height=256))
                 picture_note = gr.Markdown()
                 text_in = gr.Textbox(label="Opening text", lines=3, placeholder="Once upon a time…")
                 start_btn = gr.Button("Start story", variant="primary")
