@@ -85,7 +85,8 @@ class StorySession:
     deleted: Optional[Detached] = field(default=None, repr=False)  # the last delete, until undone or another
     browser_key: Optional[str] = None  # the browser's secret key for its autosave (``resume``)
     writing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one generation at a time
-    saved_pngs: dict = field(default_factory=dict, repr=False)  # pictures already encoded for the autosave
+    saved_pngs: dict = field(default_factory=dict, repr=False)  # frame id -> PNG, already encoded for the autosave
+    saved_pngs_of: Optional[str] = None  # the story (uid) those pictures belong to
 
     def require_tree(self) -> StoryTree:
         if self.tree is None or not self.tree.frames:
@@ -221,7 +222,8 @@ def engine_for(holder: ModelHolder, ui: UISettings) -> StoryEngine:
 
 @contextlib.contextmanager
 def one_at_a_time(session: StorySession, growing: bool = True):
-    """One generation per visitor at a time (a second tab or a double click gets a message, not a queue slot),
+    """One generation per page at a time (a double click or a second request while a frame is being written gets
+    a message, not a queue slot),
     and a story tree of at most ``MAX_STORY_FRAMES`` frames when ``growing``."""
     if growing and session.tree is not None and len(session.tree) >= MAX_STORY_FRAMES:
         raise StoryError(f"this story has {len(session.tree)} frames, the most one story may hold; delete a branch "
@@ -302,7 +304,7 @@ def resume(session: StorySession, holder: ModelHolder, key) -> str:
             engine_for(holder, UISettings()).check_model(tree)
         except (StoryFileError, StoryError):
             return key  # not a story this server can continue: start afresh
-        session.tree, session.deleted, session.saved_pngs = tree, None, {}
+        session.tree, session.deleted = tree, None
     return key
 
 
@@ -310,8 +312,8 @@ def autosave(session: StorySession) -> None:
     """Save the session's story where ``resume`` finds it after a reload."""
     if session.browser_key is None or session.tree is None or not session.tree.frames:
         return
-    if session.saved_pngs.get("_tree") != session.tree.uid:
-        session.saved_pngs = {"_tree": session.tree.uid}
+    if session.saved_pngs_of != session.tree.uid:
+        session.saved_pngs, session.saved_pngs_of = {}, session.tree.uid
     os.makedirs(autosave_dir(), exist_ok=True)
     save_story(session.tree, _autosave_path(session.browser_key), png_cache=session.saved_pngs)
 

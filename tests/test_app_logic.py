@@ -599,7 +599,7 @@ def test_a_story_survives_a_page_reload(holder, ui, picture, tmp_path, monkeypat
 def test_one_generation_per_visitor_and_a_bounded_story(holder, ui, picture, monkeypatch):
     session = logic.StorySession()
     logic.start_story(session, holder, picture, OPENING, ui)
-    with logic.one_at_a_time(session):  # a frame is being written (another tab, a double click)
+    with logic.one_at_a_time(session):  # a frame is being written (a double click, a second request)
         with pytest.raises(StoryError, match="already being written"):
             list(logic.next_frames(session, holder, 1, ui))
         with pytest.raises(StoryError, match="already being written"):
