@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -68,6 +69,35 @@ def by_thirds(report: E.Report, frames: int) -> dict:
     return out
 
 
+RUN_FILE = "run.json"  # what made the stories in an output folder
+
+
+def run_signature(args) -> dict:
+    """Everything that decides the stories: two runs that differ here must not share a folder."""
+    return {"preset": args.preset, "overrides": list(args.overrides), "val": os.path.abspath(args.val),
+            "frames": args.frames, "text_only": bool(args.text_only)}
+
+
+def claim_output(out: str, signature: dict):
+    """Mark ``out`` as this run's, or say why it holds another run's stories (None when it is ours to use)."""
+    path = os.path.join(out, RUN_FILE)
+    stories = os.path.join(out, "stories")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            theirs = json.load(f)
+        if theirs != signature:
+            changed = ", ".join(k for k in signature if theirs.get(k) != signature[k])
+            return (f"{out} holds stories of another run (its {changed} differ); use another --out, or --fresh "
+                    "to replace them")
+        return None
+    if os.path.isdir(stories) and os.listdir(stories):
+        return f"{out} holds stories of an unknown run; use another --out, or --fresh to replace them"
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(signature, f, indent=2)
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo")
@@ -82,10 +112,18 @@ def main(argv=None) -> int:
     p.add_argument("--text-only", action="store_true",
                    help="paint 1-step drafts: minutes instead of half an hour, for decoding settings (the text never "
                         "depends on the pictures: the agent feeds back its own predicted features)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the stories already in --out first (otherwise an interrupted run of the same settings "
+                        "continues, and a folder holding another run's stories is refused)")
     p.add_argument("--world-seed", type=int, default=None, metavar="SEED",
                    help="openings from a world generated with this seed (written under --out) instead of --val: "
                         "stories the model has never seen, as the targets require (training uses seed 0)")
     args = p.parse_args(argv)
+    stories_dir = os.path.join(args.out, "stories")
+    if args.fresh:
+        shutil.rmtree(stories_dir, ignore_errors=True)
+        if os.path.isfile(os.path.join(args.out, RUN_FILE)):
+            os.remove(os.path.join(args.out, RUN_FILE))
     if args.world_seed is not None:
         world_dir = os.path.join(args.out, f"world-seed{args.world_seed}")
         if not os.path.isfile(os.path.join(world_dir, "val.jsonl")):
@@ -99,7 +137,10 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.val):
         print(f"error: no validation split at {args.val}; see this script's docstring", file=sys.stderr)
         return 1
-    stories_dir = os.path.join(args.out, "stories")
+    problem = claim_output(args.out, run_signature(args))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     report = generate_stories(args.val, args.images, stories_dir, preset=args.preset, frames=args.frames,
                               overrides=args.overrides, limit=args.stories)

@@ -43,3 +43,20 @@ def test_world_seed_takes_openings_from_an_unseen_world(tmp_path, capsys):
     (story,) = os.listdir(out / "stories")
     assert story.startswith("s3_")  # story ids carry their world's seed; the training data is seed 0
     assert (out / "world-seed3" / "val.jsonl").is_file()
+
+
+def test_an_output_folder_never_mixes_two_runs(tmp_path, capsys):
+    world = tmp_path / "world"
+    write_dataset(str(world), stories=3, frames=4, size=128, seed=2, workers=1, progress=False)
+    out = tmp_path / "bench"
+    common = ["--val", str(world / "val.jsonl"), "--images", str(world / "images"), "--stories", "1", "--frames",
+              "1", "--out", str(out)]
+    bench = load_bench()
+    assert bench.main(common + ["--text-only"]) == 0
+    assert bench.main(common + ["--text-only"]) == 0  # the same run again: continues (nothing left to make)
+    capsys.readouterr()
+    assert bench.main(common) == 2  # full pictures into the text-only run's folder
+    assert "holds stories of another run (its overrides, text_only differ)" in capsys.readouterr().err
+    assert bench.main(common + ["--fresh"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert not result["text_only"] and result["stories"] == 1
