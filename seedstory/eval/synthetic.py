@@ -253,8 +253,11 @@ class Report:
 
 
 def analyze(stories: Iterable[tuple[str, Sequence[tuple[str, Image.Image]]]], world: Optional[dict] = None,
-            skip_opening: bool = True) -> Report:
-    return Report([score_story(name, frames, world, skip_opening) for name, frames in stories])
+            skip_opening: bool = True, progress: bool = False) -> Report:
+    from tqdm.auto import tqdm
+
+    return Report([score_story(name, frames, world, skip_opening)
+                   for name, frames in tqdm(stories, desc="analysing", unit="story", disable=not progress)])
 
 
 def saved_stories(root: str, max_frames: int = 0):
@@ -580,7 +583,7 @@ def run(args) -> int:
         if not os.path.isdir(args.dir):
             print(f"error: {args.dir} is not a folder of stories", file=sys.stderr)
             return 1
-        report = analyze(saved_stories(args.dir, args.max_frames), world)
+        report = analyze(saved_stories(args.dir, args.max_frames), world, progress=True)
         result, text = report.to_dict(), report.markdown()
     elif args.what in ("truth", "self-check", "reconstruct", "predict"):
         for path in (args.jsonl, args.images):
@@ -589,7 +592,7 @@ def run(args) -> int:
                 return 1
         if args.what == "truth":
             report = analyze(((n, fr) for n, fr, _ in dataset_stories(args.jsonl, args.images, args.stories,
-                                                                         args.max_frames)), world)
+                                                                         args.max_frames)), world, progress=True)
             result, text = report.to_dict(), report.markdown()
         elif args.what == "self-check":
             result = self_check(args.jsonl, args.images, args.stories, seed=args.seed, world=world)
