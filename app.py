@@ -223,7 +223,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     with gr.Blocks(title="SEED-Story", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         session = gr.State(None, delete_callback=lambda s: logic.close_session(s, holder))  # a visitor has gone
         ui = gr.State(logic.UISettings())
-        browser_key = gr.BrowserState(None, storage_key="seedstory-story")  # finds the story after a reload
+        browser_key = gr.BrowserState(None, storage_key="seedstory-story",  # finds the story after a reload
+                                      secret=logic.browser_secret())
         gr.Markdown("# SEED-Story\nUpload an opening picture, write the first lines, and let the model continue the "
                     "story frame by frame. Select any frame to regenerate it, edit its text or branch the story.")
         with gr.Row():
@@ -315,7 +316,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         configure_btn = gr.Button(visible=False)
         configure_btn.click(configure, settings, [ui], api_name="configure")
 
-        image_in.change(lambda image: logic.picture_note(holder, image), [image_in], [picture_note], api_name=False)
+        image_in.change(gpu(lambda image: logic.picture_note(holder, image)), [image_in], [picture_note],
+                        api_name=False)
         # Progress and errors show on the status line only: an error must not look as if the story were gone.
         on_status = dict(show_progress_on=[status])
         start_btn.click(start_story, [session, ui, image_in, text_in], view, api_name="start_story", **on_status)

@@ -186,7 +186,9 @@ def picture_note(holder: ModelHolder, image) -> str:
     if image is None or not holder.loaded:
         return ""
     try:
-        distance = holder.pipeline().unfamiliarity(load_image(image))
+        picture = load_image(image)
+        with holder.model_lock:  # the visual tokenizer may be moved between devices by another visitor's call
+            distance = holder.pipeline().unfamiliarity(picture)
     except Exception:  # noqa: BLE001 - an unreadable picture is reported by Start story, not here
         return ""
     if distance is None or distance <= 1.0:
@@ -278,6 +280,7 @@ def next_frames(
 
 # -- surviving a page reload --------------------------------------------------------------------------
 AUTOSAVE_HOURS = 24
+AUTOSAVE_MAX_BYTES = 2 * 2**30  # all autosaves together
 _BROWSER_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -301,7 +304,7 @@ def resume(session: StorySession, holder: ModelHolder, key) -> str:
     if session.tree is None and os.path.isfile(path):
         try:
             tree = load_story(path)
-            engine_for(holder, UISettings()).check_model(tree)
+            engine_for(holder, UISettings()).check_story(tree)
         except (StoryFileError, StoryError):
             return key  # not a story this server can continue: start afresh
         session.tree, session.deleted = tree, None
@@ -309,26 +312,53 @@ def resume(session: StorySession, holder: ModelHolder, key) -> str:
 
 
 def autosave(session: StorySession) -> None:
-    """Save the session's story where ``resume`` finds it after a reload."""
+    """Save the session's story where ``resume`` finds it after a reload. A browser's first autosave also prunes
+    the folder, so a long-running server keeps it bounded."""
     if session.browser_key is None or session.tree is None or not session.tree.frames:
         return
     if session.saved_pngs_of != session.tree.uid:
         session.saved_pngs, session.saved_pngs_of = {}, session.tree.uid
+    path = _autosave_path(session.browser_key)
+    if not os.path.exists(path):
+        prune_autosaves()
     os.makedirs(autosave_dir(), exist_ok=True)
-    save_story(session.tree, _autosave_path(session.browser_key), png_cache=session.saved_pngs)
+    save_story(session.tree, path, png_cache=session.saved_pngs)
 
 
-def prune_autosaves(max_age_hours: float = AUTOSAVE_HOURS) -> int:
-    """Delete autosaves no browser came back to within ``max_age_hours``; returns how many."""
+def prune_autosaves(max_age_hours: float = AUTOSAVE_HOURS, max_bytes: int = AUTOSAVE_MAX_BYTES) -> int:
+    """Delete autosaves no browser came back to within ``max_age_hours``, then the oldest until all of them take
+    at most ``max_bytes``; returns how many."""
     folder, cutoff, gone = autosave_dir(), time.time() - max_age_hours * 3600, 0
     if not os.path.isdir(folder):
         return 0
+    saves = []
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and os.path.getmtime(path) < cutoff:
+        if name.endswith(".zip") and os.path.isfile(path):
+            saves.append((os.path.getmtime(path), os.path.getsize(path), path))
+    total = sum(size for _, size, _ in saves)
+    for mtime, size, path in sorted(saves):
+        if mtime < cutoff or total > max_bytes:
             os.remove(path)
+            total -= size
             gone += 1
     return gone
+
+
+def browser_secret() -> str:
+    """The key that encrypts what browsers keep for this server, kept beside the autosaves so a restarted server
+    still reads its visitors' keys (``SEEDSTORY_BROWSER_SECRET`` wins)."""
+    if os.environ.get("SEEDSTORY_BROWSER_SECRET"):
+        return os.environ["SEEDSTORY_BROWSER_SECRET"]
+    path = os.path.join(autosave_dir(), ".browser-secret")
+    if not os.path.isfile(path):
+        os.makedirs(autosave_dir(), exist_ok=True)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex + uuid.uuid4().hex)
+        os.replace(path + ".tmp", path)
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def close_session(session, holder: ModelHolder) -> None:
@@ -398,7 +428,8 @@ def delete(session, holder, frame, ui: UISettings) -> None:
     fid = session.frame_id(frame)
     if tree.get(fid).parent is None and len(tree.roots) == 1:
         raise StoryError("this is the only opening frame; start a new story instead")
-    session.deleted = engine_for(holder, ui).detach(tree, fid)
+    with one_at_a_time(session, growing=False):
+        session.deleted = engine_for(holder, ui).detach(tree, fid)
 
 
 def undo_delete(session) -> Frame:
@@ -406,7 +437,10 @@ def undo_delete(session) -> Frame:
     tree = session.require_tree()
     if session.deleted is None:
         raise StoryError("there is no delete to undo")
-    top = tree.reattach(session.deleted)
+    if len(tree) + len(session.deleted.frames) > MAX_STORY_FRAMES:
+        raise StoryError(f"putting them back would make the story longer than {MAX_STORY_FRAMES} frames")
+    with one_at_a_time(session, growing=False):
+        top = tree.reattach(session.deleted)
     session.deleted = None
     return top
 
@@ -431,6 +465,7 @@ def load(session, path: str, holder: Optional[ModelHolder] = None) -> StoryTree:
         raise StoryError("choose a saved story (.zip) to load")
     tree = load_story(path)
     if holder is not None:
-        engine_for(holder, UISettings()).check_model(tree)
-    session.tree, session.deleted = tree, None
+        engine_for(holder, UISettings()).check_story(tree)
+    with one_at_a_time(session, growing=False):
+        session.tree, session.deleted = tree, None
     return session.tree

@@ -181,6 +181,27 @@ class StoryEngine:
             raise StoryError(f"this story was made with the {tree.model!r} model, and this one is {self.pipe.name!r}; "
                              f"continue it where {tree.model!r} runs, or start a new story")
 
+    def check_story(self, tree: StoryTree) -> None:
+        """A story from outside (a file, an autosave) before this model continues it: its model, and in every frame
+        token ids of this vocabulary with no control token and one image block at the end, and features of the
+        visual tokenizer's shape. A file's ids reach the model as they are: an id out of range would fail deep in
+        it (on a GPU, for every visitor)."""
+        self.check_model(tree)
+        ids_of = self.prompt.image_ids
+        block = [ids_of.boi, *ids_of.img, ids_of.eoi]
+        vocab = len(self.pipe.tokenizer)
+        control = set(self.pipe.tokenizer.all_special_ids) | set(ids_of.all)
+        vit = self.pipe.visual_tokenizer.config
+        shape = (1, vit.n_queries, vit.output_dim)
+        for frame in tree.frames.values():
+            ids, text = frame.token_ids, frame.token_ids[:-len(block)]
+            if ids and (ids[-len(block):] != block or any(not 0 <= i < vocab or i in control for i in text)):
+                raise StoryError(f"frame {frame.id} of this story holds tokens this model cannot read")
+            for t in (frame.features, frame.painted_from):
+                if t is not None and tuple(t.shape) != shape:
+                    raise StoryError(f"frame {frame.id} of this story holds features of another shape than this "
+                                     f"model's {list(shape)}")
+
     def _key(self, tree: StoryTree, frame_id: int):
         return (tree.uid, frame_id, self.mode, self.window)
 

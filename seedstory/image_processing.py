@@ -78,6 +78,7 @@ def load_image(
 
 
 MAX_ASPECT = 4.0  # a longer side than this many times the shorter is letterboxed, not squashed to a square
+MAX_STRIP_SIDE = 2048  # a strip is first shrunk to this long side, so its letterbox stays small
 
 
 def _as_shown(image: Image.Image) -> Image.Image:
@@ -106,6 +107,10 @@ def _as_shown(image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):
+        if max(w, h) > MAX_STRIP_SIDE:  # a thin strip's white canvas would be far larger than the strip
+            scale = MAX_STRIP_SIDE / max(w, h)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+            w, h = image.size
         side = int(np.ceil(max(w, h) / MAX_ASPECT))
         canvas = Image.new("RGB", (w, side) if w > h else (side, h), (255, 255, 255))
         canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from typing import Optional
 
 from PIL import Image
@@ -140,6 +141,10 @@ def _read_files(path: str) -> dict[str, bytes]:
             if len(members) > MAX_MEMBERS:
                 raise StoryFileError(f"{name} holds {len(members)} files; a saved story has at most {MAX_MEMBERS}")
             _check_sizes(name, [i.file_size for i in members])
+            unpacked, packed = sum(i.file_size for i in members), os.path.getsize(path)
+            if unpacked > max(MAX_RATIO * packed, 16 * 2**20):  # many small members, each under the per-file bound
+                raise StoryFileError(f"{name} unpacks {unpacked // max(1, packed)} times larger than it is packed; "
+                                     "not a saved story")
             for i in members:
                 if i.file_size > 2**20 and i.file_size > MAX_RATIO * max(1, i.compress_size):
                     raise StoryFileError(f"{name}: {i.filename} unpacks {i.file_size // max(1, i.compress_size)} "
@@ -154,7 +159,7 @@ def _read_files(path: str) -> dict[str, bytes]:
             return out
     except zipfile.BadZipFile:
         raise StoryFileError(f"{name} is neither a story folder nor a story .zip") from None
-    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError) as e:
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError, zlib.error) as e:
         raise StoryFileError(f"{name} cannot be unpacked ({type(e).__name__})") from None
 
 
@@ -208,6 +213,31 @@ def _tree_order(meta: dict, name: str) -> list[int]:
     return order
 
 
+MAX_STORY_PIXELS = 300_000_000  # all of a story's pictures together, decoded (about 900 MB in RGB)
+
+
+def _check_pictures(frames: list, files: dict, name: str) -> None:
+    """Each frame's picture is its own member (``frames/<id>.png``), and all of them together decode to at most
+    ``MAX_STORY_PIXELS``: read from their headers, before any is decoded."""
+    total = 0
+    for e in frames:
+        if not e.get("image"):
+            continue
+        if e["image"] != f"frames/{int(e['id']):04d}.png":
+            raise StoryFileError(f"{name}: frame {e['id']} names another frame's picture ({e['image']})")
+        data = files.get(e["image"])
+        if data is None:
+            raise StoryFileError(f"{name}: picture {e['image']} is missing")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 - PIL raises many kinds for a broken header
+            raise StoryFileError(f"{name}: picture {e['image']} is not a readable image") from None
+        total += w * h
+        if total > MAX_STORY_PIXELS:
+            raise StoryFileError(f"{name}: its pictures add up to more than {MAX_STORY_PIXELS:,} pixels")
+
+
 def load_story(path: str) -> StoryTree:
     """Read a story saved by ``save_story``. Raises StoryFileError for anything not a valid story; the whole
     file is checked (sizes, then the tree) before any picture or tensor is decoded."""
@@ -217,17 +247,18 @@ def load_story(path: str) -> StoryTree:
         raise StoryFileError(f"{name} has no story.json: not a saved seedstory story")
     try:
         meta = json.loads(files["story.json"].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoryFileError(f"{name}: story.json is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise StoryFileError(f"{name}: story.json is not valid JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != STORY_FORMAT:
         raise StoryFileError(f"{name} is not a seedstory story file")
     if not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > STORY_VERSION:
         raise StoryFileError(f"{name} was written by a newer seedstory (format version {meta.get('version')})")
     try:
         order = _tree_order(meta, name)
+        _check_pictures(meta["frames"], files, name)
     except StoryFileError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise StoryFileError(f"{name}: story.json is malformed ({type(e).__name__}: {e})") from None
     try:
         tensors = st_load(files.get("features.safetensors", st_save({})))

@@ -613,3 +613,63 @@ def test_one_generation_per_visitor_and_a_bounded_story(holder, ui, picture, mon
         list(logic.next_frames(session, holder, 1, ui))
     logic.delete(session, holder, f"#{session.tree.current}", ui)
     assert len(list(logic.next_frames(session, holder, 1, ui))) == 1
+
+
+def test_a_loaded_story_must_hold_this_models_tokens_and_features(holder, ui, picture, tmp_path):
+    """A file's token ids reach the model as they are: ids out of the vocabulary, control tokens or features of
+    another shape are refused at load (and at resume), and the current story stays."""
+    import torch
+
+    from seedstory.storage import load_story, save_story
+
+    session = logic.StorySession()
+    logic.start_story(session, holder, picture, OPENING, ui)
+    list(logic.next_frames(session, holder, 1, ui))
+    good = save_story(session.tree, str(tmp_path / "good.zip"))
+    eos = holder.pipeline().tokenizer.eos_token_id
+    for name, spoil, message in [
+        ("huge", lambda f: f.token_ids.__setitem__(0, 10**12), "tokens this model cannot read"),
+        ("eos", lambda f: f.token_ids.__setitem__(0, eos), "tokens this model cannot read"),
+        ("no-block", lambda f: f.token_ids.pop(), "tokens this model cannot read"),
+        ("shape", lambda f: setattr(f, "features", torch.zeros(1, 3, 5)), "features of another shape"),
+    ]:
+        tree = load_story(good)
+        spoil(tree.get(1))
+        save_story(tree, str(tmp_path / f"{name}.zip"))
+        with pytest.raises(StoryError, match=message):
+            logic.load(session, str(tmp_path / f"{name}.zip"), holder)
+        assert len(session.tree) == 2
+    assert len(logic.load(session, good, holder)) == 2
+
+
+def test_delete_and_undo_wait_for_the_frame_in_progress_and_keep_the_bound(holder, ui, picture, monkeypatch):
+    session = logic.StorySession()
+    logic.start_story(session, holder, picture, OPENING, ui)
+    frames = list(logic.next_frames(session, holder, 2, ui))
+    with logic.one_at_a_time(session):
+        with pytest.raises(StoryError, match="already being written"):
+            logic.delete(session, holder, f"#{frames[0].id}", ui)
+    logic.delete(session, holder, f"#{frames[0].id}", ui)
+    list(logic.next_frames(session, holder, 1, ui))
+    monkeypatch.setattr(logic, "MAX_STORY_FRAMES", len(session.tree) + 1)
+    with pytest.raises(StoryError, match="longer than"):
+        logic.undo_delete(session)
+
+
+def test_autosaves_stay_bounded_and_browser_keys_outlive_a_restart(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("SEEDSTORY_AUTOSAVE_DIR", str(tmp_path))
+    monkeypatch.delenv("SEEDSTORY_BROWSER_SECRET", raising=False)
+    for i in range(5):
+        path = tmp_path / f"{i:032x}.zip"
+        path.write_bytes(bytes(1000))
+        os.utime(path, (time.time() - 100 + i,) * 2)
+    assert logic.prune_autosaves(max_bytes=2500) == 3  # the oldest go first
+    assert sorted(p.name for p in tmp_path.glob("*.zip")) == [f"{3:032x}.zip", f"{4:032x}.zip"]
+    secret = logic.browser_secret()
+    assert len(secret) == 64 and logic.browser_secret() == secret  # the same after a restart
+    assert oct((tmp_path / ".browser-secret").stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setenv("SEEDSTORY_BROWSER_SECRET", "from-the-operator")
+    assert logic.browser_secret() == "from-the-operator"

@@ -136,8 +136,11 @@ def test_story_in_the_browser(app_server, page):
         expect(toasts.filter(has_text="no delete to undo")).to_be_visible()
         expect(thumbs).to_have_count(3)
         expect(page.locator(".thumbnail-item img")).to_have_count(3)
-        badges = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid=status-tracker]'))
-            .filter(t => /\\bError\\b/.test(t.innerText)).length""")
+        count_badges = """() => Array.from(document.querySelectorAll('[data-testid=status-tracker]'))
+            .filter(t => /\\bError\\b/.test(t.innerText)).length"""
+        page.wait_for_function(f"({count_badges})() >= 1", timeout=WAIT_MS)  # the badges follow the toast
+        page.wait_for_timeout(500)
+        badges = page.evaluate(count_badges)
         assert badges == 1, f"{badges} components show an error badge; only the status line should"
         page.get_by_test_id("toast-close").first.click()
         expect(toasts).to_have_count(0)

@@ -204,3 +204,49 @@ def test_pictures_come_out_as_a_photo_viewer_shows_them():
 
     strip = load_image(Image.new("RGB", (1000, 10), (0, 0, 0)))
     assert strip.size == (1000, int(1000 / MAX_ASPECT)) and np.asarray(strip)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_a_thin_strip_is_not_blown_up_into_a_huge_canvas():
+    from seedstory.image_processing import MAX_STRIP_SIDE, load_image
+
+    strip = Image.new("RGB", (100000, 8), (0, 0, 0))
+    out = load_image(_png_bytes(strip))
+    assert max(out.size) <= MAX_STRIP_SIDE and out.size[0] * out.size[1] <= MAX_STRIP_SIDE ** 2 // 4
+
+
+def test_story_files_that_hide_their_size_or_break_the_parser_are_refused(tmp_path, monkeypatch):
+    many = tmp_path / "many.zip"  # members each under the per-file bound, together a bomb
+    with zipfile.ZipFile(many, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("story.json", "{}")
+        for i in range(24):
+            zf.writestr(f"frames/{i:04d}.png", bytes(2**20))
+    with pytest.raises(StoryFileError, match="times larger than it is packed"):
+        load_story(str(many))
+
+    png = _png_bytes(Image.new("RGB", (64, 64)))
+    shared = [dict(_frame(0, None, [1]), image="frames/0000.png"), dict(_frame(1, 0, []), image="frames/0000.png")]
+    with pytest.raises(StoryFileError, match="names another frame's picture"):
+        load_story(_story_zip(tmp_path / "shared.zip", shared, [0], {"frames/0000.png": png}))
+
+    own = [dict(_frame(0, None, [1]), image="frames/0000.png"), dict(_frame(1, 0, []), image="frames/0001.png")]
+    monkeypatch.setattr(storage, "MAX_STORY_PIXELS", 64 * 64 + 1)
+    with pytest.raises(StoryFileError, match="add up to more than"):
+        load_story(_story_zip(tmp_path / "pixels.zip", own, [0], {"frames/0000.png": png, "frames/0001.png": png}))
+    monkeypatch.undo()
+
+    raw = tmp_path / "inf.zip"
+    with zipfile.ZipFile(raw, "w") as zf:
+        zf.writestr("story.json", '{"format": "seedstory-story", "version": 1, "roots": [0], '
+                                  '"frames": [{"id": Infinity, "parent": null, "children": []}]}')
+    deep = tmp_path / "deep.zip"
+    with zipfile.ZipFile(deep, "w") as zf:
+        zf.writestr("story.json", "[" * 100000 + "]" * 100000)
+    broken = tmp_path / "broken.zip"
+    _story_zip(broken, [_frame(0, None, [])], [0])
+    data = bytearray(broken.read_bytes())
+    at = data.index(b"story.json") + len("story.json")
+    data[at + 5:at + 25] = bytes(20)  # the deflate stream after the local header
+    broken.write_bytes(bytes(data))
+    for path in (raw, deep, broken):
+        with pytest.raises(StoryFileError):
+            load_story(str(path))

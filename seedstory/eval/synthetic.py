@@ -162,7 +162,7 @@ def score_story(name: str, frames: Sequence[tuple[str, Image.Image]], world: Opt
     for i in range(first, len(readings)):
         r = readings[i]
         _count(score, "caption_validity", r.valid, i, "" if r.valid else f"does not parse: {r.text[:80]!r}")
-        impossible = state.read(r.text) if i >= 1 else []
+        impossible = state.read(r.text) if i >= 1 else None  # the opening sets the story up: not judged
         if impossible is not None:
             _count(score, "story_logic", not impossible, i, "; ".join(impossible))
         if r.names_anything():
@@ -351,11 +351,12 @@ def without_character(truth: dict, rng: np.random.Generator) -> Optional[Image.I
     return S.render_frame(kept, S.DETECT_SIZE)
 
 
-def impossible_caption(state: StoryState, rng: np.random.Generator) -> str:
-    """A well-formed caption that cannot happen next in the story ``state`` describes: someone absent leaves or
-    is waved at, someone present arrives, or a prop is picked up where it does not lie."""
-    present = sorted(state.present)
-    absent = [c for c in W.CHARACTERS if c not in state.present]
+def impossible_caption(truth: dict, rng: np.random.Generator) -> str:
+    """A well-formed caption that cannot happen right after a frame whose ground ``truth`` is given (built from
+    the data's truth, not from the analyzer's own reading): someone absent leaves or is waved at, someone present
+    arrives, or a prop is picked up where it does not lie."""
+    here = {c["name"]: c for c in truth["characters"]}
+    present, absent = sorted(here), [c for c in W.CHARACTERS if c not in here]
     options = []
     if absent:
         options.append(f"{absent[int(rng.integers(len(absent)))]} leaves.")
@@ -364,9 +365,10 @@ def impossible_caption(state: StoryState, rng: np.random.Generator) -> str:
         options.append(f"{c} arrives {W.AT_PHRASE[W.POSITIONS[int(rng.integers(len(W.POSITIONS)))]]}.")
         if absent:
             options.append(f"{c} waves at {absent[int(rng.integers(len(absent)))]}.")
-        spot = state.ground.get(state.setting, {}).get(state.present[c]["position"])
-        elsewhere = [p for p in W.PROP_NAMES if p != spot]
-        options.append(f"{c} picks up the {elsewhere[int(rng.integers(len(elsewhere)))]}.")
+        if here[c]["holding"] is None:
+            spot = next((p["name"] for p in truth["props"] if p["position"] == here[c]["position"]), None)
+            elsewhere = [p for p in W.PROP_NAMES if p != spot]
+            options.append(f"{c} picks up the {elsewhere[int(rng.integers(len(elsewhere)))]}.")
     return options[int(rng.integers(len(options)))]
 
 
@@ -396,11 +398,8 @@ def self_check(jsonl: str, image_root: str, stories: int = 20, max_frames: int =
                 continue
             tried[metric] += 1
             caught[metric] += _caught(name, frames[:i] + [(frames[i][0], picture)], world, metric)
-        state = StoryState.opening(frames[0][0])
-        for caption, _ in frames[1:i]:
-            state.read(caption)
         tried["story_logic"] += 1
-        caught["story_logic"] += _caught(name, frames[:i] + [(impossible_caption(state, rng), frames[i][1])],
+        caught["story_logic"] += _caught(name, frames[:i] + [(impossible_caption(truths[i - 1], rng), frames[i][1])],
                                          world, "story_logic")
         # a caption from elsewhere that names someone or something not drawn here
         reading = read_frame(frames[i][0], frames[i][1], world)
