@@ -109,8 +109,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
 
     def resume(session, key):
         session = new_session(session)
-        key = logic.resume(session, holder, key)
-        return (key, *render(session, "Your story is back where you left it." if session.tree is not None else ""))
+        key, message = logic.resume(session, holder, key)
+        return (key, *render(session, message))
 
     @gpu
     @guarded

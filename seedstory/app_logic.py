@@ -293,22 +293,24 @@ def _autosave_path(key: str) -> str:
     return os.path.join(autosave_dir(), f"{key}.zip")
 
 
-def resume(session: StorySession, holder: ModelHolder, key) -> str:
+def resume(session: StorySession, holder: ModelHolder, key) -> tuple[str, str]:
     """On page load: take the browser's key (a new random one when it has none or a malformed one) and give the
-    session the story autosaved under it, if any and if this server's model made it. Returns the key for the
-    browser to keep. A key is 128 random bits that only its browser holds: no visitor can name another's."""
+    session the story autosaved under it, if any and if this server's model can continue it. Returns the key for
+    the browser to keep and a sentence for the visitor ("" when there was nothing to bring back). A key is 128
+    random bits that only its browser holds: no visitor can name another's."""
     if not (isinstance(key, str) and _BROWSER_KEY.match(key)):
         key = uuid.uuid4().hex
     session.browser_key = key
     path = _autosave_path(key)
-    if session.tree is None and os.path.isfile(path):
-        try:
-            tree = load_story(path)
-            engine_for(holder, UISettings()).check_story(tree)
-        except (StoryFileError, StoryError):
-            return key  # not a story this server can continue: start afresh
-        session.tree, session.deleted = tree, None
-    return key
+    if session.tree is not None or not os.path.isfile(path):
+        return key, ""
+    try:
+        tree = load_story(path)
+        engine_for(holder, UISettings()).check_story(tree)
+    except (StoryFileError, StoryError) as e:
+        return key, f"Your last story could not be brought back ({e}); start a new one."
+    session.tree, session.deleted = tree, None
+    return key, "Your story is back where you left it."
 
 
 def autosave(session: StorySession) -> None:

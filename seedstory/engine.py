@@ -183,14 +183,15 @@ class StoryEngine:
 
     def check_story(self, tree: StoryTree) -> None:
         """A story from outside (a file, an autosave) before this model continues it: its model, and in every frame
-        token ids of this vocabulary with no control token and one image block at the end, and features of the
-        visual tokenizer's shape. A file's ids reach the model as they are: an id out of range would fail deep in
-        it (on a GPU, for every visitor)."""
+        token ids of this vocabulary with one image block, at the end, and features of the visual tokenizer's
+        shape. A file's ids reach the model as they are: an id out of range would fail deep in it (on a GPU, for
+        every visitor), and image ids elsewhere would open image slots. (Other special ids can be the model's own
+        output, <unk> say, and are let through.)"""
         self.check_model(tree)
         ids_of = self.prompt.image_ids
         block = [ids_of.boi, *ids_of.img, ids_of.eoi]
         vocab = len(self.pipe.tokenizer)
-        control = set(self.pipe.tokenizer.all_special_ids) | set(ids_of.all)
+        control = set(ids_of.all)
         vit = self.pipe.visual_tokenizer.config
         shape = (1, vit.n_queries, vit.output_dim)
         for frame in tree.frames.values():

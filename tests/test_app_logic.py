@@ -571,25 +571,27 @@ def test_a_story_survives_a_page_reload(holder, ui, picture, tmp_path, monkeypat
 
     monkeypatch.setenv("SEEDSTORY_AUTOSAVE_DIR", str(tmp_path / "autosave"))
     first = logic.StorySession()
-    key = logic.resume(first, holder, None)
+    key, said = logic.resume(first, holder, None)
+    assert said == ""
     assert re.fullmatch(r"[0-9a-f]{32}", key) and first.tree is None
     logic.start_story(first, holder, picture, OPENING, ui)
     list(logic.next_frames(first, holder, 2, ui))
     logic.autosave(first)
 
     again = logic.StorySession()  # the page is reloaded: a new session, the same browser key
-    assert logic.resume(again, holder, key) == key
+    assert logic.resume(again, holder, key) == (key, "Your story is back where you left it.")
     assert [f.text for f in again.tree.path()] == [f.text for f in first.tree.path()]
     assert len(list(logic.next_frames(again, holder, 1, ui))) == 1
 
     for bad in ("../../etc/passwd", "A" * 32, 42, ""):
         stranger = logic.StorySession()
-        assert logic.resume(stranger, holder, bad) != key and stranger.tree is None
+        assert logic.resume(stranger, holder, bad)[0] != key and stranger.tree is None
 
     first.tree.model = "another-model"
     logic.autosave(first)
     elsewhere = logic.StorySession()
-    assert logic.resume(elsewhere, holder, key) == key and elsewhere.tree is None
+    key_back, said = logic.resume(elsewhere, holder, key)
+    assert key_back == key and elsewhere.tree is None and "could not be brought back" in said
 
     old = tmp_path / "autosave" / f"{key}.zip"
     os.utime(old, (time.time() - 2 * 86400,) * 2)
@@ -616,8 +618,8 @@ def test_one_generation_per_visitor_and_a_bounded_story(holder, ui, picture, mon
 
 
 def test_a_loaded_story_must_hold_this_models_tokens_and_features(holder, ui, picture, tmp_path):
-    """A file's token ids reach the model as they are: ids out of the vocabulary, control tokens or features of
-    another shape are refused at load (and at resume), and the current story stays."""
+    """A file's token ids reach the model as they are: ids out of the vocabulary, image ids outside the image block
+    or features of another shape are refused at load (and at resume), and the current story stays."""
     import torch
 
     from seedstory.storage import load_story, save_story
@@ -626,10 +628,11 @@ def test_a_loaded_story_must_hold_this_models_tokens_and_features(holder, ui, pi
     logic.start_story(session, holder, picture, OPENING, ui)
     list(logic.next_frames(session, holder, 1, ui))
     good = save_story(session.tree, str(tmp_path / "good.zip"))
-    eos = holder.pipeline().tokenizer.eos_token_id
+    boi = holder.pipeline().prompt.image_ids.boi
     for name, spoil, message in [
         ("huge", lambda f: f.token_ids.__setitem__(0, 10**12), "tokens this model cannot read"),
-        ("eos", lambda f: f.token_ids.__setitem__(0, eos), "tokens this model cannot read"),
+        ("negative", lambda f: f.token_ids.__setitem__(0, -5), "tokens this model cannot read"),
+        ("image-id", lambda f: f.token_ids.__setitem__(0, boi), "tokens this model cannot read"),
         ("no-block", lambda f: f.token_ids.pop(), "tokens this model cannot read"),
         ("shape", lambda f: setattr(f, "features", torch.zeros(1, 3, 5)), "features of another shape"),
     ]:
