@@ -14,6 +14,10 @@ import tempfile
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from seedstory.threads import passive_openmp  # noqa: E402
+
+passive_openmp()
+
 import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402

@@ -35,6 +35,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from seedstory.threads import passive_openmp  # noqa: E402
+
+passive_openmp()
+
 import torch  # noqa: E402
 
 from seedstory.data.synthetic import write_dataset  # noqa: E402

@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+from .threads import passive_openmp
+
+passive_openmp()
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

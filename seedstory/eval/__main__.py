@@ -16,6 +16,10 @@ import logging
 import os
 import sys
 
+from ..threads import passive_openmp
+
+passive_openmp()
+
 log = logging.getLogger("seedstory.eval")
 
 
