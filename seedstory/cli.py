@@ -49,7 +49,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, help="longest text per frame, in tokens")
     g.add_argument("--steps", type=int, help="diffusion steps per image")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    g.add_argument("--scheduler", help="euler (default), dpm++ (fast), euler_a, ddim, unipc, ...")
+    g.add_argument("--scheduler", help="euler (the release's), dpm++ (fast; the demo's), euler_a, ddim, unipc, ... "
+                                       "(default: the preset's)")
     g.add_argument("--window", type=int, help="frames kept in context (default 8)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sink", action="store_const", const="sink", dest="mode",

@@ -142,7 +142,9 @@ def main(argv=None) -> str:
     p.add_argument("--stories", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/demo", help="run folders of the stages")
-    p.add_argument("--out", default="assets/demo-model", help="where the finished model goes")
+    p.add_argument("--out", default="assets/demo-model",
+                   help="where the finished model goes (default: assets/demo-model, replacing the shipped model; "
+                        "its model card is kept)")
     p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m",
                    help="how a stage module is started (default: this python; or 'accelerate launch ... -m')")
     p.add_argument("--jobs", type=int, default=2,
