@@ -148,7 +148,11 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         session = new_session(session)
         # The seed box shows 0 when empty (Gradio's Number), so 0 means "a new seed", as the label says.
         f = logic.regenerate(session, holder, frame, part, seed or None, ui)
-        return render(session, f"Regenerated as frame #{f.id} (seed {f.seed}).")
+        made = {"image": f"a new picture (seed {f.seed})",
+                "text": f"new text{f' (seed {int(seed)})' if seed else ''}, its picture painted with the frame's seed "
+                        f"{f.seed}",
+                "both": f"new text and picture (seed {f.seed})"}[logic.PART_CHOICES.get(part, part)]
+        return render(session, f"Regenerated as frame #{f.id}: {made}.")
 
     @gpu
     @guarded

@@ -63,7 +63,7 @@ def test_story_flow(app_server, opening_png):
 
     # Regenerate #2 with a fixed seed: a sibling (#3) replaces it on the storyboard.
     r = call(client, "#2", "text and image", 77, api_name="/regenerate_frame")
-    assert "Regenerated as frame #3 (seed 77)" in r[STATUS]
+    assert "Regenerated as frame #3: new text and picture (seed 77)" in r[STATUS]
     assert len(r[BOARD]) == 3 and r[FRAME_SELECTOR]["value"].startswith("#3 ") and "version 2 of 2" in r[FRAME_INFO]
     assert len(choices(r)) == 4
 
@@ -241,3 +241,14 @@ def test_readme_client_example_runs(app_server, monkeypatch):
     assert len(scope["board"]) == 2 and all(os.path.isfile(item["image"]) for item in scope["board"])
     with open(scope["pdf"], "rb") as f:
         assert f.read(5) == b"%PDF-"
+
+
+def test_regenerating_the_text_says_which_seed_did_what(app_server, opening_png):
+    client = new_client(app_server)
+    call(client, handle_file(opening_png), "A kite rose over the hill.", api_name="/start_story")
+    first = call(client, api_name="/next_frame")
+    painted_with = re.search(r"seed (\d+)", first[FRAME_INFO]).group(1)
+    r = call(client, "#1", "text only", 5, api_name="/regenerate_frame")
+    assert f"new text (seed 5), its picture painted with the frame's seed {painted_with}" in r[STATUS], r[STATUS]
+    r = call(client, "#2", "image only", 9, api_name="/regenerate_frame")
+    assert "a new picture (seed 9)" in r[STATUS]

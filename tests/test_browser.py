@@ -147,10 +147,10 @@ def test_story_in_the_browser(app_server, page):
 
         # Regenerate the last frame twice with the seed box left as it is: each time a new seed, a new version.
         click("Regenerate this frame")
-        first = status(r"Regenerated as frame #3 \(seed \d+\)")
+        first = status(r"Regenerated as frame #3: new text and picture \(seed \d+\)")
         expect(info).to_contain_text("version 2 of 2")
         click("Regenerate this frame")
-        second = status(r"Regenerated as frame #4 \(seed \d+\)")
+        second = status(r"Regenerated as frame #4: new text and picture \(seed \d+\)")
         expect(info).to_contain_text("version 3 of 3")
         seeds = [int(re.search(r"seed (\d+)", s).group(1)) for s in (first, second)]
         assert seeds[0] != seeds[1], f"'Regenerate' reused seed {seeds[0]}: the new version is the same frame"
