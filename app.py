@@ -71,8 +71,9 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             os.replace(tmp, path)
         return path
 
-    def render(session, message=""):
-        logic.autosave(session)  # so a page reload finds the story again
+    def render(session, message="", changed=True):
+        if changed:
+            logic.autosave(session)  # so a page reload finds the story again
         tree = session.tree
         current = tree.get(tree.current) if tree is not None and tree.current is not None else None
         choices = logic.frame_choices(session)
@@ -114,15 +115,15 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     def resume(session, key):
         session = new_session(session)
         key, message = logic.resume(session, holder, key)
-        return (key, *render(session, message))
+        return (key, *render(session, message, changed=False))
 
     @gpu
     @guarded
     def start_story(session, ui, image, text, progress=gr.Progress()):
         session = new_session(session)
         progress(0.1, desc="reading the picture")
-        logic.start_story(session, holder, image, text, ui)
-        note = logic.picture_note(holder, image)
+        tree = logic.start_story(session, holder, image, text, ui)
+        note = logic.familiarity_note(holder, tree.get(tree.current).features)  # the opening, already encoded
         return render(session, "Story started. Press **Next frame** to continue it." + (f"\n\n{note}" if note else ""))
 
     @gpu
@@ -332,9 +333,11 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         next_btn.click(next_frame, [session, ui], view, api_name="next_frame", **on_status)
         next_n_btn.click(next_frame, [session, ui, n_frames], view, api_name="next_frames", **on_status)
         stop_btn.click(stop_story, [session], [status], api_name="stop", concurrency_limit=None, queue=False)
-        regen_btn.click(regenerate_frame, [session, ui, frame_sel, part, regen_seed], view, api_name="regenerate_frame", **on_status)
+        regen_btn.click(regenerate_frame, [session, ui, frame_sel, part, regen_seed], view, api_name="regenerate_frame",
+                        **on_status)
         edit_btn.click(edit_frame, [session, ui, frame_sel, frame_text], view, api_name="edit_frame", **on_status)
-        branch_btn.click(branch_story, [session, ui, frame_sel, branch_text], view, api_name="branch_story", **on_status)
+        branch_btn.click(branch_story, [session, ui, frame_sel, branch_text], view, api_name="branch_story",
+                         **on_status)
         frame_sel.input(select_frame, [session, frame_sel], view, api_name="select_frame", **on_status)
         board.select(select_from_storyboard, [session], view, api_name=False, **on_status)
         prev_btn.click(lambda s: sibling(s, -1), [session], view, api_name="previous_version", **on_status)

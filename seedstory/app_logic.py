@@ -191,6 +191,18 @@ def picture_note(holder: ModelHolder, image) -> str:
             distance = holder.pipeline().unfamiliarity(picture)
     except Exception:  # noqa: BLE001 - an unreadable picture is reported by Start story, not here
         return ""
+    return _unfamiliar_sentence(holder, distance)
+
+
+def familiarity_note(holder: ModelHolder, features) -> str:
+    """``picture_note`` for a picture already encoded (its visual-tokenizer ``features``): no second encoding."""
+    familiarity = holder.pipeline().familiarity if holder.loaded else None
+    if familiarity is None or features is None:
+        return ""
+    return _unfamiliar_sentence(holder, float(familiarity.distance(features)[0]))
+
+
+def _unfamiliar_sentence(holder: ModelHolder, distance: Optional[float]) -> str:
     if distance is None or distance <= 1.0:
         return ""
     return (f"**This picture looks unlike anything the {holder.pipeline().name} model was trained on** "

@@ -61,6 +61,7 @@ class Familiarity:
         with safe_open(path, "pt") as f:
             threshold = float((f.metadata() or {}).get("threshold", "nan"))
         tensors = load_file(path)
-        if set(tensors) != {"mean", "basis"} or not threshold > 0 or tensors["basis"].shape[0] != tensors["mean"].shape[0]:
+        if (set(tensors) != {"mean", "basis"} or not threshold > 0
+                or tensors["basis"].shape[0] != tensors["mean"].shape[0]):
             raise ValueError(f"{FAMILIARITY_FILE} is not a familiarity file")
         return cls(tensors["mean"], tensors["basis"], threshold)

@@ -34,8 +34,8 @@ class StoryFileError(ValueError):
     pass
 
 
-def _frame_png(frame: Frame) -> str:
-    return f"frames/{frame.id:04d}.png"
+def _frame_png(frame_id: int) -> str:
+    return f"frames/{frame_id:04d}.png"
 
 
 def story_to_files(tree: StoryTree, model_name: str = "", png_cache: Optional[dict] = None) -> dict[str, bytes]:
@@ -56,7 +56,7 @@ def story_to_files(tree: StoryTree, model_name: str = "", png_cache: Optional[di
                 data = buf.getvalue()
                 if png_cache is not None:
                     png_cache[f.id] = data
-            entry["image"] = _frame_png(f)
+            entry["image"] = _frame_png(f.id)
             files[entry["image"]] = data
         # clones: a repainted frame shares its features with the frame it repaints, and safetensors refuses
         # tensors that share memory
@@ -223,7 +223,7 @@ def _check_pictures(frames: list, files: dict, name: str) -> None:
     for e in frames:
         if not e.get("image"):
             continue
-        if e["image"] != f"frames/{int(e['id']):04d}.png":
+        if e["image"] != _frame_png(int(e["id"])):
             raise StoryFileError(f"{name}: frame {e['id']} names another frame's picture ({e['image']})")
         data = files.get(e["image"])
         if data is None:
@@ -271,9 +271,7 @@ def load_story(path: str) -> StoryTree:
         for fid in order:
             e = by_id[fid]
             image = None
-            if e.get("image"):
-                if e["image"] not in files:
-                    raise StoryFileError(f"{name}: picture {e['image']} is missing")
+            if e.get("image"):  # present and its own: _check_pictures
                 image = load_image(files[e["image"]])
             frame = Frame(id=fid, parent=e.get("parent"), text=str(e["text"]), image=image,
                           features=tensors.get(f"frame_{fid}"), painted_from=tensors.get(f"painted_{fid}"),

@@ -152,7 +152,8 @@ def _hostile_files(folder, png_bomb):
 
     folder.mkdir(exist_ok=True)
     cycle = folder / "cycle.zip"
-    frames = [{"id": 0, "parent": None, "children": [1], "text": "a"}, {"id": 1, "parent": 0, "children": [0], "text": "b"}]
+    frames = [{"id": 0, "parent": None, "children": [1], "text": "a"},
+              {"id": 1, "parent": 0, "children": [0], "text": "b"}]
     with zipfile.ZipFile(cycle, "w") as zf:
         zf.writestr("story.json", json.dumps({"format": "seedstory-story", "version": 1, "roots": [0],
                                               "frames": frames}))

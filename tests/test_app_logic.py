@@ -16,8 +16,8 @@ from seedstory.story import StoryError
 
 OPENING = "A fox with a red scarf sat under the old oak."
 API_NAMES = ["start_story", "next_frame", "next_frames", "stop", "regenerate_frame", "edit_frame", "branch_story",
-             "select_frame", "previous_version", "next_version", "delete_frame", "undo_delete", "export_story", "save_session",
-             "load_session", "configure"]
+             "select_frame", "previous_version", "next_version", "delete_frame", "undo_delete", "export_story",
+             "save_session", "load_session", "configure"]
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,10 @@ def test_the_demo_model_knows_its_world_and_says_when_a_picture_is_not_from_it(d
     note = logic.picture_note(demo_holder, os.path.join(EXAMPLES, "robot_night.png"))
     assert "unlike anything the demo model was trained on" in note and "--preset seed-story-george" in note
     assert logic.picture_note(demo_holder, os.path.join(EXAMPLES, "missing.png")) == ""  # Start story reports it
+    # Start story reads the same note from the opening it has already encoded
+    robot = pipe.encode_image(Image.open(os.path.join(EXAMPLES, "robot_night.png")))
+    assert logic.familiarity_note(demo_holder, robot) == note
+    assert logic.familiarity_note(demo_holder, pipe.encode_image(Image.open(logic.examples("demo")[0][0]))) == ""
 
 
 def test_the_app_offers_the_demo_its_own_openings_and_other_models_general_ones():

@@ -125,24 +125,24 @@ class StoryScore:
                 "problems": [{"frame": i, "metric": m, "what": w} for i, m, w in self.problems]}
 
 
+def _tally(score: StoryScore, key: str, hit: bool, frame: int) -> None:
+    passed, total = score.counts.get(key, (0, 0))
+    score.counts[key] = (passed + int(hit), total + 1)
+    here = score.per_frame.setdefault(frame, {}).setdefault(key, [0, 0])
+    here[0] += int(hit)
+    here[1] += 1
+
+
 def _count(score: StoryScore, metric: str, ok: bool, frame: int, what: str = "") -> None:
     """One more frame (or figure) for ``metric``; a miss is kept as a problem with ``what`` went wrong."""
-    passed, total = score.counts.get(metric, (0, 0))
-    score.counts[metric] = (passed + int(ok), total + 1)
-    here = score.per_frame.setdefault(frame, {}).setdefault(metric, [0, 0])
-    here[0] += int(ok)
-    here[1] += 1
+    _tally(score, metric, ok, frame)
     if not ok and len(score.problems) < 200:
         score.problems.append((frame, metric, what))
 
 
 def _sign(score: StoryScore, sign: str, shown: bool, frame: int) -> None:
     """One more frame for a sign of trouble: counts [frames showing it, frames]."""
-    hits, total = score.counts.get(sign, (0, 0))
-    score.counts[sign] = (hits + int(shown), total + 1)
-    here = score.per_frame.setdefault(frame, {}).setdefault(sign, [0, 0])
-    here[0] += int(shown)
-    here[1] += 1
+    _tally(score, sign, shown, frame)
 
 
 def _is_blank(scene: dict) -> bool:
