@@ -160,9 +160,14 @@ class PromptFormat:
         return mask
 
     def training_sample(
-        self, captions: Sequence[str], num_given: int, max_length: Optional[int] = None, pad: bool = False
+        self, captions: Sequence[str], num_given: int, max_length: Optional[int] = None, pad: bool = False,
+        label_context: bool = False,
     ) -> Optional[EncodedStory]:
         """A stage-2 sample: ``captions[0..num_given]`` as context, ``captions[num_given+1]`` as target.
+
+        With ``label_context`` the LM loss also covers every context caption after the first (``[INST] c <img>``,
+        each read after the real pictures before it): the same forward pass teaches the text of every frame
+        instead of the last one only. The regression target stays the last picture.
 
         Images used: ``num_given + 2`` (context images then the target). Returns None when the sample
         is longer than ``max_length`` (the release drops such samples rather than truncating them, as a
@@ -177,6 +182,16 @@ class PromptFormat:
         self._check_text_ids(tgt_ids, 1)
         input_ids = [self.bos_id] + ctx_ids + tgt_ids + [self.eos_id]
         labels = [IGNORE_INDEX] * (1 + len(ctx_ids)) + tgt_ids + [self.eos_id]
+        if label_context:
+            # ids after each context picture's </img>, up to and including the next <img>: [INST] c <img>
+            inside = False
+            for i, t in enumerate(ctx_ids):
+                if inside:
+                    labels[1 + i] = t
+                if t == self.image_ids.eoi:
+                    inside = True
+                elif t == self.image_ids.boi:
+                    inside = False
         if max_length is not None and len(input_ids) >= max_length:
             return None
         n = len(input_ids)

@@ -43,6 +43,21 @@ def test_training_sample_matches_formats_section_5(word_tokenizer):
     assert s.attention_mask.tolist() == [1] * n
 
 
+def test_label_context_teaches_every_caption_after_the_first(word_tokenizer):
+    pf = PromptFormat(word_tokenizer, 4)
+    caps = ["a cat", "the dog", "a dog", "a sun"]
+    plain = pf.training_sample(caps, num_given=2)
+    s = pf.training_sample(caps, num_given=2, label_context=True)
+    assert s.input_ids.tolist() == plain.input_ids.tolist()
+    context = [7, 8, *IMG, *INST, 9, 10, *IMG, *INST, 7, 10, *IMG]
+    hidden = [IGNORE_INDEX] * 5  # a picture's slots and </img>: never text to learn
+    expected = ([IGNORE_INDEX] * (1 + 2 + 6) + [*INST, 9, 10, B] + hidden + [*INST, 7, 10, B] + hidden
+                + [*INST, 7, 11, B] + hidden + [EOS])
+    assert s.labels.tolist() == expected and len(expected) == len(s.input_ids) == 1 + len(context) + 11 + 1
+    for key in ("ids_cmp_mask", "ids_gen_mask", "embeds_cmp_mask", "embeds_gen_mask"):
+        assert getattr(s, key).tolist() == getattr(plain, key).tolist()
+
+
 def test_too_long_sample_is_dropped_and_padding(word_tokenizer):
     pf = PromptFormat(word_tokenizer, 4)
     assert pf.training_sample(["a", "a", "a"], 1, max_length=10) is None

@@ -54,7 +54,7 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
         max_length=int(d.get("max_length", 1280)), max_frames=d.get("max_frames"), min_given=int(d.get("min_given", 0)),
         seed=int(cfg.train.get("seed", 0)), shuffle_buffer=int(d.get("shuffle_buffer", 256)),
         rank=accelerator.process_index, world_size=accelerator.num_processes,
-        target_image_resolution=target_image_resolution,
+        target_image_resolution=target_image_resolution, label_context=bool(d.get("label_context", False)),
     )
     pad_id = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.prompt.eos_id
     return DataLoader(dataset, batch_size=int(cfg.train.batch_size), num_workers=int(d.get("num_workers", 0)),

@@ -127,9 +127,10 @@ class StorySampleDataset(_JsonlStream):
     def __init__(self, jsonl: str, image_root: str, prompt: PromptFormat, image_processor: ImageProcessor,
                  max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
-                 target_image_resolution: Optional[int] = None):
+                 target_image_resolution: Optional[int] = None, label_context: bool = False):
         super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
         self.prompt, self.image_processor = prompt, image_processor
+        self.label_context = bool(label_context)
         self.max_length, self.min_given = int(max_length), max(0, int(min_given))
         self.max_frames = int(max_frames) if max_frames else None
         if self.max_frames is not None and self.max_frames < 2:
@@ -149,7 +150,7 @@ class StorySampleDataset(_JsonlStream):
             first = target - num_given - 1
             window = [str(c) for c in captions[first: target + 1]]
             try:
-                encoded = self.prompt.training_sample(window, num_given, self.max_length)
+                encoded = self.prompt.training_sample(window, num_given, self.max_length, label_context=self.label_context)
             except ValueError:  # a caption the serializer refuses (e.g. empty)
                 self.skipped["bad caption"] += 1
                 return None
