@@ -506,6 +506,25 @@ class StoryEngine:
         self._remember(tree, state, frame)
         return frame
 
+    def add_given(self, tree: StoryTree, parent_id: int, image: ImageInput, text: str) -> Frame:
+        """A frame whose picture and text are given (a real story's next frame), after ``parent_id``: its
+        context is the picture's own features, as the opening's is."""
+        self._check_room(tree, parent_id)
+        image, text = load_image(image), self._clean_text(text)
+        ids = self.prompt.frame_ids(text, first=False)
+        with self.lock:
+            features = self.pipe.encode_image(image)
+            return self._add(tree, parent_id, text, image, features, ids, None, self.pipe.settings, "given")
+
+    def draft_text(self, tree: StoryTree, frame_id: int, seed: int,
+                   settings: Optional[GenerationSettings] = None) -> str:
+        """The text the model would write after ``frame_id`` with ``seed`` (nothing painted, nothing added)."""
+        settings = self._settings(settings)
+        with self.lock:
+            state = self.state_after(tree, frame_id)
+            text, _, _ = self._write(state, settings, seed, recent=self._recent(tree, frame_id, settings))
+        return text
+
     def delete(self, tree: StoryTree, frame_id: int) -> list[int]:
         return sorted(f.id for f in self.detach(tree, frame_id).frames)
 

@@ -36,6 +36,7 @@ What is measured, over the frames after the opening (the opening is the user's, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -534,6 +535,40 @@ def predict(jsonl: str, image_root: str, preset: str, overrides: Optional[list[s
     return tally.result()
 
 
+def logic(jsonl: str, preset: str, image_root: str, overrides: Optional[list[str]] = None, stories: int = 10,
+          frames: int = 25, seed: int = 0, progress: bool = True) -> dict:
+    """Teacher-forced story logic, the text's fast proxy: before each frame of ``stories`` held-out stories the
+    agent reads the real story so far (pictures and captions, through the engine and the preset's window), writes
+    the next caption with the preset's decoding, and ``StoryState`` judges it against the true story. A model that
+    fails here cannot tell a logical story on its own; the bench's free-running figure is lower still."""
+    from ..engine import StoryEngine
+    from ..pipeline import SeedStoryPipeline
+
+    engine = StoryEngine(SeedStoryPipeline.from_preset(preset, overrides))
+    items = list(dataset_stories(jsonl, image_root, stories, frames))
+    bar = _progress(sum(len(fr) - 1 for _, fr, _ in items), "logic", progress)
+    possible = judged = unparsed = 0
+    reasons: Counter = Counter()
+    for si, (name, fr, _) in enumerate(items):
+        tree = engine.start(fr[0][1], fr[0][0])
+        state = StoryState.opening(fr[0][0])
+        for k, (caption, picture) in enumerate(fr[1:], start=1):
+            text = engine.draft_text(tree, tree.current, seed=seed + 1000 * si + k)
+            why = copy.deepcopy(state).read(text)
+            if why is None:
+                unparsed += 1
+            else:
+                judged += 1
+                possible += not why
+                reasons.update(why)
+            state.read(caption, judge=False)
+            engine.add_given(tree, tree.current, picture, caption)
+            bar.update(1)
+    bar.close()
+    return {"captions": judged + unparsed, "judged": judged, "story_logic": possible / judged if judged else None,
+            "unparsed": unparsed, "problems": dict(reasons.most_common(10))}
+
+
 # ============================================================================================= CLI
 def _print(result, as_json: bool, text: str) -> None:
     print(json.dumps(result, indent=2) if as_json else text)
@@ -574,6 +609,15 @@ def add_arguments(sub) -> None:
         p.add_argument("--frames", type=int, default=50)
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=8, help="real frames before the predicted one (default 8)")
+    p = sub.add_parser("logic", help="teacher-forced story logic: real story so far -> the agent's next caption -> "
+                                     "is it possible?")
+    p.add_argument("jsonl")
+    p.add_argument("--images", required=True)
+    p.add_argument("--preset", default=None, help="model preset (default: the demo model when present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stories", type=int, default=10)
+    p.add_argument("--frames", type=int, default=25, help="frames of each story (the opening and what follows)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
@@ -584,7 +628,7 @@ def run(args) -> int:
             return 1
         report = analyze(saved_stories(args.dir, args.max_frames), world, progress=True)
         result, text = report.to_dict(), report.markdown()
-    elif args.what in ("truth", "self-check", "reconstruct", "predict"):
+    elif args.what in ("truth", "self-check", "reconstruct", "predict", "logic"):
         for path in (args.jsonl, args.images):
             if not os.path.exists(path):
                 print(f"error: {path} not found", file=sys.stderr)
@@ -603,16 +647,24 @@ def run(args) -> int:
         else:
             from ..cli import default_preset
 
-            if args.what == "reconstruct":
+            if args.what == "logic":
+                result = logic(args.jsonl, args.preset or default_preset(), args.images, args.overrides,
+                               args.stories, args.frames, args.seed)
+                rate = "n/a" if result["story_logic"] is None else f"{result['story_logic']:.1%}"
+                text = (f"teacher-forced story logic {rate} of {result['judged']} captions ({result['unparsed']} did "
+                        "not parse); most common problems: "
+                        + "; ".join(f"{k} x{v}" for k, v in result["problems"].items()))
+            elif args.what == "reconstruct":
                 result = reconstruct(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                      args.frames, args.seed, world)
             else:
                 result = predict(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                  args.frames, args.seed, args.window, world)
-            done = "redrawn" if args.what == "reconstruct" else "predicted"
-            text = (f"{result['frames']} frames {done}: scene exact {result['scene_exact']:.1%}, setting "
-                    f"{result['setting']:.1%}, characters {result['characters']:.1%}, extra figures/frame "
-                    f"{result['extra_figures_per_frame']:.2f}")
+            if args.what != "logic":
+                done = "redrawn" if args.what == "reconstruct" else "predicted"
+                text = (f"{result['frames']} frames {done}: scene exact {result['scene_exact']:.1%}, setting "
+                        f"{result['setting']:.1%}, characters {result['characters']:.1%}, extra figures/frame "
+                        f"{result['extra_figures_per_frame']:.2f}")
     _write(args.out, result)
     _print(result, args.json, text)
     return 0
