@@ -182,6 +182,13 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         return render(session)
 
     @guarded
+    def select_in_tree(session, evt: gr.EventData):
+        session = new_session(session)
+        data = evt._data if isinstance(evt._data, dict) else {}
+        logic.select(session, data.get("frame"))  # checked there: a page can send anything
+        return render(session)
+
+    @guarded
     def sibling(session, delta):
         session = new_session(session)
         logic.switch_sibling(session, delta)
@@ -275,7 +282,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                     undo_btn = gr.Button("Undo delete")
             with gr.Column(scale=1):
                 gr.Markdown("### Story tree")
-                tree_view = gr.HTML()
+                tree_view = gr.HTML(logic.NO_STORY_HTML, css_template=logic.TREE_CSS,
+                                    js_on_load=logic.TREE_JS, elem_id="story-tree")
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 preset = gr.Dropdown(list_presets(), value=holder.preset, label="Model preset",
@@ -340,6 +348,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                          **on_status)
         frame_sel.input(select_frame, [session, frame_sel], view, api_name="select_frame", **on_status)
         board.select(select_from_storyboard, [session], view, api_name=False, **on_status)
+        tree_view.click(select_in_tree, [session], view, api_name=False, **on_status)
         prev_btn.click(lambda s: sibling(s, -1), [session], view, api_name="previous_version", **on_status)
         next_sib_btn.click(lambda s: sibling(s, 1), [session], view, api_name="next_version", **on_status)
         delete_btn.click(delete_frame, [session, ui, frame_sel], view, api_name="delete_frame", **on_status)

@@ -122,24 +122,80 @@ def storyboard(session: StorySession) -> list[tuple[Image.Image, str]]:
     return [(f.image, f"{i}. {f.text}") for i, f in enumerate(tree.path(tree.leaf(tree.current))) if f.image is not None]
 
 
+NO_STORY_HTML = "<p><i>No story yet.</i></p>"
+TREE_INDENT_LEVELS = 6  # deeper branches keep this indent: the outline never shrinks or runs off the side
+TREE_CSS = """
+.story-outline { font-size: 13px; line-height: 1.35; }
+.story-outline .run { display: flex; flex-wrap: wrap; align-items: center; gap: 3px; padding: 3px 0 3px 6px;
+  border-left: 2px solid var(--border-color-primary, #ddd); }
+.story-outline .run.on-path { border-left-color: var(--color-accent, #f97316); }
+.story-outline .from { color: var(--body-text-color-subdued, #777); margin-right: 4px; }
+.story-outline .node { font: inherit; min-width: 2.1em; padding: 1px 5px; border-radius: 4px; cursor: pointer;
+  border: 1px solid var(--border-color-primary, #ccc); background: var(--background-fill-primary, #fff);
+  color: var(--body-text-color, #222); }
+.story-outline .node.on-path { border-color: var(--color-accent, #f97316); font-weight: 600; }
+.story-outline .node.current { background: var(--color-accent, #f97316); color: #fff; }
+.story-outline .node.fork::after { content: " ↳" attr(data-branches); }
+.story-outline .words { color: var(--body-text-color-subdued, #666); margin-left: 4px; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; max-width: 16em; }
+"""
+# One listener on the outline: a click on a frame's button sends its id to ``app.py``'s select handler.
+TREE_JS = ("element.addEventListener('click', (e) => { const b = e.target.closest('[data-frame]'); "
+           "if (b) trigger('click', {frame: Number(b.dataset.frame)}); });")
+
+
+def first_words(text: str, words: int = 6) -> str:
+    parts = text.split()
+    return " ".join(parts[:words]) + (" …" if len(parts) > words else "")
+
+
+def tree_runs(tree: StoryTree) -> list[dict]:
+    """The story tree as an outline of runs: a run is a straight stretch of frames (each the only continuation of
+    the one before), ended by a frame with several continuations; each of those starts a run one level deeper.
+    Runs come depth first, children in the order they were made: ``{"level", "frames": [Frame], "from": parent id
+    or None}``. A 50-frame story without branches is one run."""
+    runs: list[dict] = []
+    stack = [(root, 0, None) for root in reversed(tree.roots)]
+    while stack:
+        fid, level, parent = stack.pop()
+        frames = [tree.get(fid)]
+        while len(frames[-1].children) == 1:
+            frames.append(tree.get(frames[-1].children[0]))
+        runs.append({"level": level, "frames": frames, "from": parent})
+        last = frames[-1]
+        stack += [(c, level + 1, last.id) for c in reversed(last.children)]
+    return runs
+
+
 def tree_html(session: StorySession) -> str:
-    """The whole tree as nested lists; the current path is bold, the current frame marked."""
+    """The story tree as an indented outline of constant size (``tree_runs``): every frame a button showing its
+    step, its first words on hover; the current path highlighted, the current frame filled, a frame with several
+    continuations marked with their number. Clicking a button selects that frame (``TREE_JS``)."""
     tree = session.tree
     if tree is None or not tree.frames:
-        return "<p><i>No story yet.</i></p>"
+        return NO_STORY_HTML
     on_path = {f.id for f in tree.path(tree.leaf(tree.current))}
-
-    def render(fid: int) -> str:
-        f = tree.get(fid)
-        label = html.escape(frame_label(f, 60))
-        if fid == tree.current:
-            label = f"▶ {label}"
-        if fid in on_path:
-            label = f"<b>{label}</b>"
-        kids = "".join(render(c) for c in f.children)
-        return f"<li title='{html.escape(f.origin)}'>{label}{f'<ul>{kids}</ul>' if kids else ''}</li>"
-
-    return "<ul class='story-tree'>" + "".join(render(r) for r in tree.roots) + "</ul>"
+    rows = []
+    for run in tree_runs(tree):
+        buttons = []
+        for f in run["frames"]:
+            classes = ["node"] + (["on-path"] if f.id in on_path else []) + (["current"] if f.id == tree.current else [])
+            extra = ""
+            if len(f.children) > 1:
+                classes.append("fork")
+                extra = f" data-branches='{len(f.children)}'"
+            tip = html.escape(f"#{f.id} · step {tree.depth(f.id) - 1} · {f.origin}: {f.text}", quote=True)
+            buttons.append(f"<button type='button' class='{' '.join(classes)}' data-frame='{f.id}'{extra} "
+                           f"title='{tip}'>{tree.depth(f.id) - 1}</button>")
+        head = run["frames"][0]
+        start = (f"<span class='from'>from {tree.depth(run['from']) - 1} ↳</span>" if run["from"] is not None
+                 else "")
+        words = f"<span class='words'>{html.escape(first_words(head.text))}</span>"
+        indent = min(run["level"], TREE_INDENT_LEVELS) * 1.1
+        path_class = " on-path" if head.id in on_path else ""
+        rows.append(f"<div class='run{path_class}' style='margin-left:{indent:.1f}em'>{start}{''.join(buttons)}"
+                    f"{words}</div>")
+    return "<div class='story-outline'>" + "".join(rows) + "</div>"
 
 
 def frame_choices(session: StorySession) -> list[str]:

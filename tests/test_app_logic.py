@@ -220,7 +220,7 @@ def test_select_and_switch_versions(holder, ui, session):
     assert logic.select_on_storyboard(session, 1).id == r.id
     assert logic.frame_choices(session) == [logic.frame_label(session.tree.frames[i]) for i in (0, 1, 2, r.id)]
     tree = logic.tree_html(session)
-    assert tree.count("<li") == 4 and f"▶ #{r.id}" in tree
+    assert tree.count("data-frame=") == 4 and f"class='node on-path current' data-frame='{r.id}'" in tree
 
 
 def test_delete_subtree(holder, ui, session):
@@ -676,3 +676,49 @@ def test_autosaves_stay_bounded_and_browser_keys_outlive_a_restart(tmp_path, mon
     assert oct((tmp_path / ".browser-secret").stat().st_mode & 0o777) == "0o600"
     monkeypatch.setenv("SEEDSTORY_BROWSER_SECRET", "from-the-operator")
     assert logic.browser_secret() == "from-the-operator"
+
+
+def _chain(tree, parent, n, text="A step"):
+    from seedstory.story import Frame
+
+    for _ in range(n):
+        f = tree.add(Frame(id=tree.new_id(), parent=parent, text=f"{text} {tree.new_id()} of the story.", image=None,
+                           features=None, token_ids=[], seed=0, settings={}, origin="generated"), select=True)
+        parent = f.id
+    return parent
+
+
+def test_the_tree_outline_stays_readable_at_50_deep_and_10_wide():
+    """A straight run is one row whatever its length; branches are rows one level in, the indent capped; every
+    frame is a button with its id, its step and its text on hover; the current path and frame are marked."""
+    import re
+
+    from seedstory.story import StoryTree
+
+    tree = StoryTree()
+    s = logic.StorySession.__new__(logic.StorySession)
+    s.tree = tree
+    leaf = _chain(tree, None, 50)                     # the opening and 49 more: one run
+    assert len(logic.tree_runs(tree)) == 1 and len(logic.tree_runs(tree)[0]["frames"]) == 50
+    fork = tree.path(leaf)[10].id
+    ends = [_chain(tree, fork, 3, f"Branch {b}") for b in range(8)]
+    deep = fork                                       # with the chain below, frame 10 has 10 continuations
+    for level in range(12):                           # a branch of a branch of ... 13 levels down
+        deep = _chain(tree, deep, 2, f"Deep {level}")
+        _chain(tree, tree.get(deep).parent, 1, f"Other {level}")
+    tree.select(ends[4])
+    runs = logic.tree_runs(tree)
+    assert [r["level"] for r in runs[:3]] == [0, 1, 1] and len(runs) == 1 + 10 + 12 * 2
+    assert max(r["level"] for r in runs) == 13
+    html = logic.tree_html(s)
+    ids = [int(i) for i in re.findall(r"data-frame='(\d+)'", html)]
+    assert sorted(ids) == sorted(tree.frames)        # every frame once, clickable
+    margins = [float(m) for m in re.findall(r"margin-left:([\d.]+)em", html)]
+    assert max(margins) == pytest.approx(logic.TREE_INDENT_LEVELS * 1.1)  # capped, never smaller type
+    assert "font-size" not in html                   # one size for the whole outline (TREE_CSS)
+    path = [f.id for f in tree.path(ends[4])]
+    marked = re.findall(r"class='node on-path[^']*' data-frame='(\d+)'", html)
+    assert [int(i) for i in marked] == path
+    assert f"class='node on-path current' data-frame='{ends[4]}'" in html
+    assert f"data-frame='{fork}' data-branches='10'" in html
+    assert f"title='#0 · step 0 · generated: {tree.get(0).text}'" in html

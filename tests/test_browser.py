@@ -185,14 +185,19 @@ def test_story_in_the_browser(app_server, page):
         expect(info).to_contain_text("Frame #2")
         expect(info).to_contain_text("version 1 of 4")
         expect(selector).to_have_value(re.compile(r"^#2 · "))
-        tree = page.locator("ul.story-tree")
-        expect(tree.locator("li")).to_have_count(6)
-        expect(tree.locator("b", has_text="▶ #2")).to_have_count(1)
+        tree = page.locator(".story-outline")
+        expect(tree.locator("button.node")).to_have_count(6)
+        expect(tree.locator("button.node.current[data-frame='2']")).to_have_count(1)
+        expect(tree.locator("button.node[data-frame='1']")).to_have_attribute("data-branches", "4")
         shot("switched-version")
-        # Back to the branch we wrote, which the export below covers.
-        selector.click()
-        page.get_by_role("option", name=re.compile(r"^#5 · ")).click()
+        # Back to the branch we wrote, which the export below covers: a click on its node in the story tree.
+        tree.locator("button.node[data-frame='5']").click()
         expect(info).to_contain_text("Frame #5")
+        expect(tree.locator("button.node.current[data-frame='5']")).to_have_count(1)
+        expect(selector).to_have_value(re.compile(r"^#5 · "))
+        sizes = tree.locator("button.node").evaluate_all("els => els.map(e => getComputedStyle(e).fontSize)")
+        assert len(set(sizes)) == 1, sizes  # the deepest node is as readable as the opening
+        tree.screenshot(path=os.path.join(ARTIFACTS, "story-tree.png"))
 
         # Export the current branch as PDF and download it.
         page.get_by_role("button", name="Save, load, export").click()
