@@ -53,6 +53,13 @@ def hand_upload_to_app(component: gr.Image) -> gr.Image:
     return component
 
 
+# The model paints small pictures: shown whole, filling their box, scaled up without blurring.
+APP_CSS = """
+#selected-frame img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#storyboard img, #versions img { image-rendering: pixelated; }
+"""
+
+
 def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Blocks:
     """The app over the shared models in ``holder``. Which model runs is the operator's choice: visitors can
     switch it only when ``allow_model_switch`` (a private machine), never on a public server by default."""
@@ -79,6 +86,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         choices = logic.frame_choices(session)
         shown = [f for f in tree.path(tree.leaf(current.id)) if f.image is not None] if current is not None else []
         board = [(picture(session, f), caption) for f, (_, caption) in zip(shown, logic.storyboard(session))]
+        sibs = [(picture(session, f), caption) for f, caption in logic.versions(session)]
         return (
             session,
             board,
@@ -88,6 +96,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             gr.update(choices=choices, value=logic.frame_label(current) if current is not None else None),
             logic.tree_html(session),
             message,
+            sibs,
         )
 
     def guarded(fn):
@@ -152,7 +161,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         made = {"image": f"a new picture (seed {f.seed})",
                 "text": f"new text{f' (seed {int(seed)})' if seed else ''}, its picture painted with the frame's seed "
                         f"{f.seed}",
-                "both": f"new text and picture (seed {f.seed})"}[logic.PART_CHOICES.get(part, part)]
+                "both": f"new text and picture (seed {f.seed})"}[part]
         return render(session, f"Regenerated as frame #{f.id}: {made}.")
 
     @gpu
@@ -180,6 +189,16 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         session = new_session(session)
         logic.select_on_storyboard(session, evt.index)
         return render(session)
+
+    @guarded
+    def select_version(session, evt: gr.SelectData):
+        session = new_session(session)
+        logic.select_version(session, evt.index)
+        return render(session)
+
+    @guarded
+    def read_branch(session):
+        return logic.reading_html(new_session(session))
 
     @guarded
     def select_in_tree(session, evt: gr.EventData):
@@ -253,26 +272,31 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 gr.Examples(logic.examples(holder.preset), [image_in, text_in], label="Examples")
             with gr.Column(scale=2):
                 board = gr.Gallery(label="Storyboard (the current branch)", columns=4, height=420,
-                                   allow_preview=False, object_fit="contain")
+                                   allow_preview=False, object_fit="contain", elem_id="storyboard")
                 with gr.Row():
                     next_btn = gr.Button("Next frame", variant="primary")
                     n_frames = gr.Slider(1, logic.MAX_FRAMES_PER_CLICK, value=4, step=1, label="N")
                     next_n_btn = gr.Button("Next N frames")
                     stop_btn = gr.Button("Stop", variant="stop")
-                status = gr.Markdown()
+                status = gr.Markdown(label="Status")
+                with gr.Accordion("Reading view: the current branch, whole pictures and full text", open=False):
+                    read_btn = gr.Button("Show the current branch")
+                    reading = gr.HTML(label="Reading view")
         with gr.Row():
             with gr.Column(scale=1):
                 frame_sel = gr.Dropdown(label="Frame", choices=[], interactive=True, allow_custom_value=True)
                 with gr.Row():
                     prev_btn = gr.Button("◀ other version")
                     next_sib_btn = gr.Button("other version ▶")
-                frame_img = gr.Image(label="Selected frame", interactive=False, height=300)
-                frame_info = gr.Markdown()
+                frame_img = gr.Image(label="Selected frame", interactive=False, height=300, elem_id="selected-frame")
+                frame_info = gr.Markdown(label="Frame details")
+                versions = gr.Gallery(label="Versions of this frame (click one to show it)", columns=3, height=220,
+                                      allow_preview=False, object_fit="contain", elem_id="versions")
             with gr.Column(scale=1):
                 frame_text = gr.Textbox(label="Frame text (edit, then apply)", lines=4)
                 edit_btn = gr.Button("Apply edit (new version of this frame)")
                 with gr.Row():
-                    part = gr.Radio(list(logic.PART_CHOICES), value="text and image", label="Regenerate")
+                    part = gr.Radio(logic.PART_CHOICES, value="both", label="Regenerate")
                     regen_seed = gr.Number(label="Seed (0: a new one)", precision=0, value=None)
                 regen_btn = gr.Button("Regenerate this frame")
                 branch_text = gr.Textbox(label="Branch here with this text (empty: let the model write)", lines=2)
@@ -282,7 +306,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                     undo_btn = gr.Button("Undo delete")
             with gr.Column(scale=1):
                 gr.Markdown("### Story tree")
-                tree_view = gr.HTML(logic.NO_STORY_HTML, css_template=logic.TREE_CSS,
+                tree_view = gr.HTML(logic.NO_STORY_HTML, label="Story tree", css_template=logic.TREE_CSS,
                                     js_on_load=logic.TREE_JS, elem_id="story-tree")
         with gr.Accordion("Settings", open=False):
             with gr.Row():
@@ -327,7 +351,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
 
         settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat,
                     scope, candidates, context_from]
-        view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status]
+        view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status, versions]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)
         configure_btn = gr.Button(visible=False)
@@ -349,6 +373,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         frame_sel.input(select_frame, [session, frame_sel], view, api_name="select_frame", **on_status)
         board.select(select_from_storyboard, [session], view, api_name=False, **on_status)
         tree_view.click(select_in_tree, [session], view, api_name=False, **on_status)
+        versions.select(select_version, [session], view, api_name=False, **on_status)
+        read_btn.click(read_branch, [session], [reading], api_name="read_branch")
         prev_btn.click(lambda s: sibling(s, -1), [session], view, api_name="previous_version", **on_status)
         next_sib_btn.click(lambda s: sibling(s, 1), [session], view, api_name="next_version", **on_status)
         delete_btn.click(delete_frame, [session, ui, frame_sel], view, api_name="delete_frame", **on_status)
@@ -387,6 +413,7 @@ def main(argv=None) -> None:
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         share=False,
         max_file_size="20mb",
+        css=APP_CSS,
         show_error=True,
     )
 

@@ -3,8 +3,10 @@ view functions that turn a story into what the widgets show. ``app.py`` only wir
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
+import io
 import os
 import re
 import tempfile
@@ -27,7 +29,9 @@ from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25
 MAX_STORY_FRAMES = 500  # frames in one visitor's story tree, all branches together (each holds a picture)
-PART_CHOICES = {"text and image": "both", "text only": "text", "image only": "image"}
+# What "Regenerate" makes: (what the radio says, the value the app and its API take).
+PART_CHOICES = [("new text and picture", "both"), ("new text (its picture repainted with the frame's seed)", "text"),
+                ("new picture (same text)", "image")]
 
 
 @dataclass
@@ -114,12 +118,17 @@ def frame_label(frame: Frame, limit: int = 48) -> str:
     return f"#{frame.id} · {text}"
 
 
+SELECTED_MARK = "▶ "  # before the selected frame's caption on the storyboard
+
+
 def storyboard(session: StorySession) -> list[tuple[Image.Image, str]]:
-    """The branch through the current frame, root to leaf: (picture, caption) per frame."""
+    """The branch through the current frame, root to leaf: (picture, "i. its full text") per frame, the selected
+    one marked (a new caption also clears a highlight the gallery kept from an earlier click)."""
     if session.tree is None or session.tree.current is None:
         return []
     tree = session.tree
-    return [(f.image, f"{i}. {f.text}") for i, f in enumerate(tree.path(tree.leaf(tree.current))) if f.image is not None]
+    return [(f.image, f"{SELECTED_MARK if f.id == tree.current else ''}{i}. {f.text}")
+            for i, f in enumerate(tree.path(tree.leaf(tree.current))) if f.image is not None]
 
 
 NO_STORY_HTML = "<p><i>No story yet.</i></p>"
@@ -196,6 +205,47 @@ def tree_html(session: StorySession) -> str:
         rows.append(f"<div class='run{path_class}' style='margin-left:{indent:.1f}em'>{start}{''.join(buttons)}"
                     f"{words}</div>")
     return "<div class='story-outline'>" + "".join(rows) + "</div>"
+
+
+def versions(session: StorySession) -> list[tuple[Frame, str]]:
+    """The selected frame's versions (it and its siblings), side by side: (frame, "version i of n: text")."""
+    tree = session.tree
+    if tree is None or tree.current is None:
+        return []
+    sibs = tree.siblings(tree.current)
+    return [(tree.get(fid), f"version {i} of {len(sibs)}{' (shown)' if fid == tree.current else ''}: "
+                            f"{tree.get(fid).text}") for i, fid in enumerate(sibs, start=1)]
+
+
+def select_version(session, index: int) -> Frame:
+    tree = session.require_tree()
+    sibs = tree.siblings(tree.current)
+    if not isinstance(index, int) or not 0 <= index < len(sibs):
+        raise StoryError("no such version of this frame")
+    return tree.select(sibs[index])
+
+
+READING_CSS = ("<style>.reading figure { margin: 0 0 1.2em; } .reading img { width: 384px; max-width: 100%; "
+               "image-rendering: pixelated; border-radius: 4px; } .reading figcaption { font-size: 1.05em; "
+               "max-width: 40em; margin-top: .3em; }</style>")
+
+
+def reading_html(session: StorySession) -> str:
+    """The current branch to read, one frame after another: each picture whole, scaled up without blurring
+    (``image-rendering: pixelated``), with its full text; the selected frame is marked."""
+    tree = session.tree
+    if tree is None or tree.current is None:
+        return NO_STORY_HTML
+    parts = []
+    for i, f in enumerate(tree.path(tree.leaf(tree.current))):
+        picture = ""
+        if f.image is not None:
+            buf = io.BytesIO()
+            f.image.save(buf, format="PNG")
+            picture = f"<img alt='frame {i}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        mark = " ◀ selected" if f.id == tree.current else ""
+        parts.append(f"<figure>{picture}<figcaption><b>{i}.</b> {html.escape(f.text)}<i>{mark}</i></figcaption></figure>")
+    return READING_CSS + "<div class='reading'>" + "".join(parts) + "</div>"
 
 
 def frame_choices(session: StorySession) -> list[str]:
@@ -450,7 +500,6 @@ def stop(session: StorySession) -> None:
 def regenerate(session, holder, frame, part: str, seed, ui: UISettings) -> Frame:
     tree = session.require_tree()
     engine = engine_for(holder, ui)
-    part = PART_CHOICES.get(part, part)
     seed = int(seed) if seed not in (None, "") else None
     with one_at_a_time(session):
         return engine.regenerate(tree, session.frame_id(frame), part, seed, ui.generation(engine.pipe.settings))

@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 CALL_TIMEOUT_S = 120  # any one API call on the tiny preset takes a second or two
 
 # What every story action returns (the session state is not part of the API).
-BOARD, FRAME_IMAGE, FRAME_TEXT, FRAME_INFO, FRAME_SELECTOR, TREE, STATUS = range(7)
+BOARD, FRAME_IMAGE, FRAME_TEXT, FRAME_INFO, FRAME_SELECTOR, TREE, STATUS, VERSIONS = range(8)
 
 
 def call(client, *args, api_name):
@@ -25,7 +25,8 @@ def call(client, *args, api_name):
 
 
 def captions(result):
-    return [item["caption"] for item in result[BOARD]]
+    """The storyboard's captions without the mark of the selected frame (checked on its own below)."""
+    return [item["caption"].removeprefix("▶ ") for item in result[BOARD]]
 
 
 def choices(result):
@@ -47,7 +48,7 @@ def new_client(url):
 def test_story_flow(app_server, opening_png):
     client = new_client(app_server)
     r = call(client, handle_file(opening_png), "The lighthouse keeper found a bottle.", api_name="/start_story")
-    assert captions(r) == ["0. The lighthouse keeper found a bottle."]
+    assert captions(r) == ["0. The lighthouse keeper found a bottle."] and r[BOARD][0]["caption"].startswith("▶ 0.")
     assert r[FRAME_TEXT] == "The lighthouse keeper found a bottle." and "**Frame #0**" in r[FRAME_INFO]
     assert r[FRAME_SELECTOR]["value"] == "#0 · The lighthouse keeper found a bottle."
     assert os.path.isfile(r[FRAME_IMAGE]) and Image.open(r[FRAME_IMAGE]).size == (96, 72)
@@ -62,7 +63,7 @@ def test_story_flow(app_server, opening_png):
     frame2_text = r[FRAME_TEXT]
 
     # Regenerate #2 with a fixed seed: a sibling (#3) replaces it on the storyboard.
-    r = call(client, "#2", "text and image", 77, api_name="/regenerate_frame")
+    r = call(client, "#2", "both", 77, api_name="/regenerate_frame")
     assert "Regenerated as frame #3: new text and picture (seed 77)" in r[STATUS]
     assert len(r[BOARD]) == 3 and r[FRAME_SELECTOR]["value"].startswith("#3 ") and "version 2 of 2" in r[FRAME_INFO]
     assert len(choices(r)) == 4
@@ -249,7 +250,23 @@ def test_regenerating_the_text_says_which_seed_did_what(app_server, opening_png)
     call(client, handle_file(opening_png), "A kite rose over the hill.", api_name="/start_story")
     first = call(client, api_name="/next_frame")
     painted_with = re.search(r"seed (\d+)", first[FRAME_INFO]).group(1)
-    r = call(client, "#1", "text only", 5, api_name="/regenerate_frame")
+    r = call(client, "#1", "text", 5, api_name="/regenerate_frame")
     assert f"new text (seed 5), its picture painted with the frame's seed {painted_with}" in r[STATUS], r[STATUS]
-    r = call(client, "#2", "image only", 9, api_name="/regenerate_frame")
+    r = call(client, "#2", "image", 9, api_name="/regenerate_frame")
     assert "a new picture (seed 9)" in r[STATUS]
+
+
+def test_outputs_are_named_and_versions_come_side_by_side(app_server, opening_png):
+    client = new_client(app_server)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    labels = {name: [r["label"] for r in ep["returns"]] for name, ep in api.items()}
+    assert labels["/next_frame"][STATUS] == "Status" and labels["/next_frame"][VERSIONS].startswith("Versions")
+    unnamed = {name: ls for name, ls in labels.items() if any(not label or label.startswith("value_") for label in ls)}
+    assert unnamed == {}
+    call(client, handle_file(opening_png), "A kite rose over the hill.", api_name="/start_story")
+    call(client, api_name="/next_frame")
+    r = call(client, "#1", "image", 9, api_name="/regenerate_frame")
+    assert [item["caption"].split(":")[0] for item in r[VERSIONS]] == ["version 1 of 2", "version 2 of 2 (shown)"]
+    assert all(os.path.isfile(item["image"]) for item in r[VERSIONS])
+    page = call(client, api_name="/read_branch")
+    assert page.count("<figure>") == 2 and page.count("data:image/png;base64,") == 2 and "◀ selected" in page

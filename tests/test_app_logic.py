@@ -17,7 +17,7 @@ from seedstory.story import StoryError
 OPENING = "A fox with a red scarf sat under the old oak."
 API_NAMES = ["start_story", "next_frame", "next_frames", "stop", "regenerate_frame", "edit_frame", "branch_story",
              "select_frame", "previous_version", "next_version", "delete_frame", "undo_delete", "export_story",
-             "save_session", "load_session", "configure"]
+             "save_session", "load_session", "configure", "read_branch"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_start_story_from_path_and_views(holder, ui, tmp_path):
     opening = tree.get(0)
     assert opening.text == "Once upon a time." and opening.origin == "opening" and opening.image.size == (64, 48)
     board = logic.storyboard(s)
-    assert len(board) == 1 and board[0][1] == "0. Once upon a time."
+    assert len(board) == 1 and board[0][1] == "▶ 0. Once upon a time."  # the selected frame is marked
     assert logic.frame_choices(s) == ["#0 · Once upon a time."]
     assert "**Frame #0**" in logic.frame_info(s) and "version 1 of 1" in logic.frame_info(s)
 
@@ -99,7 +99,7 @@ def test_next_frames_yields_one_by_one(holder, ui, picture):
     assert [f.id for f in rest] == [2, 3]
     assert [f.id for f in s.tree.path()] == [0, 1, 2, 3]
     board = logic.storyboard(s)
-    assert len(board) == 4 and [c.split(". ", 1)[0] for _, c in board] == ["0", "1", "2", "3"]
+    assert len(board) == 4 and [c.split(". ", 1)[0] for _, c in board] == ["0", "1", "2", "▶ 3"]
     assert all(isinstance(img, Image.Image) for img, _ in board)
     assert [s.split(":")[0] for s, _ in stages if s.endswith("writing text")] == ["frame 1/3", "frame 2/3", "frame 3/3"]
     assert any(stage.startswith("frame 3/3: painting image") for stage, _ in stages)
@@ -163,7 +163,7 @@ def test_next_frames_count_is_bounded(holder, ui, session, n):
 
 # -- regenerate, edit, branch, select, versions, delete -----------------------------------------------
 def test_regenerate_replaces_frame_by_a_sibling(holder, ui, session):
-    f = logic.regenerate(session, holder, "#1 · whatever the label says", "text and image", 7, ui)
+    f = logic.regenerate(session, holder, "#1 · whatever the label says", "both", 7, ui)
     assert f.id == 3 and f.parent == 0 and f.origin == "regenerated" and f.seed == 7
     assert session.tree.current == 3 and session.tree.siblings(3) == [1, 3]
     # The old continuation (#2) stays in the tree but is no longer on the storyboard.
@@ -171,12 +171,12 @@ def test_regenerate_replaces_frame_by_a_sibling(holder, ui, session):
     assert len(logic.storyboard(session)) == 2
     assert "version 2 of 2" in logic.frame_info(session)
     # Image only: same text and features, new picture.
-    g = logic.regenerate(session, holder, 3, "image only", 11, ui)
+    g = logic.regenerate(session, holder, 3, "image", 11, ui)
     old = session.tree.get(3)
     assert g.parent == 0 and g.text == old.text and g.seed == 11 and g.features is old.features
     assert np.asarray(g.image).tobytes() != np.asarray(old.image).tobytes()
     # Text only keeps the painting seed.
-    h = logic.regenerate(session, holder, 3, "text only", None, ui)
+    h = logic.regenerate(session, holder, 3, "text", None, ui)
     assert h.parent == 0 and h.seed == old.seed
     assert session.tree.siblings(1) == [1, 3, 4, 5]
 
@@ -192,7 +192,7 @@ def test_edit_and_branch(holder, ui, session):
     e = logic.edit(session, holder, "#2", "The fox found a brass key.", ui)
     assert e.parent == 1 and e.text == "The fox found a brass key." and e.origin == "edited"
     assert session.tree.current == e.id and session.tree.siblings(2) == [2, e.id]
-    assert logic.storyboard(session)[-1][1] == "2. The fox found a brass key."
+    assert logic.storyboard(session)[-1][1] == "▶ 2. The fox found a brass key."
     # Editing the opening frame makes a second opening with the same picture.
     o = logic.edit(session, holder, 0, "A fox without a scarf.", ui)
     assert o.parent is None and session.tree.roots == [0, o.id] and o.image is session.tree.get(0).image
@@ -218,9 +218,16 @@ def test_select_and_switch_versions(holder, ui, session):
     assert logic.select(session, "#0 · A fox").id == 0 and session.tree.current == 0
     assert [f.id for f in session.tree.path(session.tree.leaf(0))] == [0, r.id]
     assert logic.select_on_storyboard(session, 1).id == r.id
+    assert [c.startswith(logic.SELECTED_MARK) for _, c in logic.storyboard(session)] == [False, True]
+    assert [c.split(":")[0] for _, c in logic.versions(session)] == ["version 1 of 2", "version 2 of 2 (shown)"]
+    assert logic.select_version(session, 0).id == 1 and "(shown)" in logic.versions(session)[0][1]
+    with pytest.raises(StoryError):
+        logic.select_version(session, 5)
+    page = logic.reading_html(session)
+    assert page.count("<figure>") == 3 and "image-rendering: pixelated" in page and "◀ selected" in page
     assert logic.frame_choices(session) == [logic.frame_label(session.tree.frames[i]) for i in (0, 1, 2, r.id)]
     tree = logic.tree_html(session)
-    assert tree.count("data-frame=") == 4 and f"class='node on-path current' data-frame='{r.id}'" in tree
+    assert tree.count("data-frame=") == 4 and f"class='node on-path current' data-frame='{session.tree.current}'" in tree
 
 
 def test_delete_subtree(holder, ui, session):
@@ -458,7 +465,8 @@ def test_build_app_lists_the_api(holder):
     assert params("load_session") == ["file"]
     labels = [r["label"] for r in named["/start_story"]["returns"]]
     assert labels[:3] == ["Storyboard (the current branch)", "Selected frame", "Frame text (edit, then apply)"]
-    assert labels[4] == "Frame" and len(labels) == 7  # the session state is not part of the API
+    assert labels[3:] == ["Frame details", "Frame", "Story tree", "Status", "Versions of this frame (click one to show it)"]
+    # the session state is not part of the API, and every output has a name
 
 
 

@@ -73,8 +73,8 @@ def test_story_in_the_browser(app_server, page):
     def shot(name):
         page.screenshot(path=os.path.join(ARTIFACTS, f"{next(stage):02d}-{name}.png"), full_page=True)
 
-    thumbs = page.locator(".thumbnail-item")
-    captions = page.locator(".thumbnail-item .caption-label")
+    thumbs = page.locator("#storyboard .thumbnail-item")
+    captions = page.locator("#storyboard .thumbnail-item .caption-label")
     info = page.locator("p", has_text=re.compile(r"^Frame #\d+ · step"))  # the selected frame's details
     toasts = page.get_by_test_id("toast-body")
     selector = page.get_by_role("combobox", name="Frame")
@@ -115,7 +115,7 @@ def test_story_in_the_browser(app_server, page):
         page.get_by_label("Opening text").fill(OPENING)
         click("Start story")
         expect(thumbs).to_have_count(1)
-        expect(captions.first).to_have_text(f"0. {OPENING}")
+        expect(captions.first).to_have_text(f"▶ 0. {OPENING}")  # the selected frame is marked
         expect(info).to_contain_text("Frame #0")
         expect(selector).to_have_value(re.compile(r"^#0 · A little fox"))
         status("Story started")
@@ -127,7 +127,7 @@ def test_story_in_the_browser(app_server, page):
         click("Next frame")
         expect(thumbs).to_have_count(3)
         expect(info).to_contain_text("Frame #2")
-        expect(captions).to_have_text([re.compile(r"^0\. "), re.compile(r"^1\. "), re.compile(r"^2\. ")])
+        expect(captions).to_have_text([re.compile(r"^0\. "), re.compile(r"^1\. "), re.compile(r"^▶ 2\. ")])
         pictures_loaded()
         shot("three-frames")
 
@@ -135,7 +135,7 @@ def test_story_in_the_browser(app_server, page):
         click("Undo delete")
         expect(toasts.filter(has_text="no delete to undo")).to_be_visible()
         expect(thumbs).to_have_count(3)
-        expect(page.locator(".thumbnail-item img")).to_have_count(3)
+        expect(page.locator("#storyboard .thumbnail-item img")).to_have_count(3)
         count_badges = """() => Array.from(document.querySelectorAll('[data-testid=status-tracker]'))
             .filter(t => /\\bError\\b/.test(t.innerText)).length"""
         page.wait_for_function(f"({count_badges})() >= 1", timeout=WAIT_MS)  # the badges follow the toast
@@ -169,7 +169,7 @@ def test_story_in_the_browser(app_server, page):
         expect(info).to_contain_text("Frame #5")
         expect(info).to_contain_text("version 4 of 4")
         expect(captions).to_have_count(3)
-        expect(captions.last).to_have_text(f"2. {BRANCH}")
+        expect(captions.last).to_have_text(f"▶ 2. {BRANCH}")
         expect(page.get_by_label("Frame text (edit, then apply)")).to_have_value(BRANCH)
         pictures_loaded()
         shot("branched")
@@ -178,7 +178,7 @@ def test_story_in_the_browser(app_server, page):
         click("◀ other version")
         expect(info).to_contain_text("Frame #4")
         expect(info).to_contain_text("version 3 of 4")
-        expect(captions.last).not_to_have_text(f"2. {BRANCH}")
+        expect(captions.last).not_to_have_text(f"▶ 2. {BRANCH}")
         click("other version ▶")
         expect(info).to_contain_text("version 4 of 4")
         click("other version ▶")
@@ -198,6 +198,26 @@ def test_story_in_the_browser(app_server, page):
         sizes = tree.locator("button.node").evaluate_all("els => els.map(e => getComputedStyle(e).fontSize)")
         assert len(set(sizes)) == 1, sizes  # the deepest node is as readable as the opening
         tree.screenshot(path=os.path.join(ARTIFACTS, "story-tree.png"))
+        shown = page.locator("#selected-frame img").evaluate("e => [e.clientWidth, e.naturalWidth]")
+        assert shown[0] >= 4 * shown[1], shown  # the small picture fills its box
+        # The versions of frame 2 side by side: a click on one shows it.
+        versions = page.locator("#versions .thumbnail-item")
+        expect(versions).to_have_count(4)
+        expect(page.locator("#versions .caption-label").last).to_contain_text("version 4 of 4 (shown)")
+        versions.nth(1).click()
+        expect(info).to_contain_text("version 2 of 4")
+        tree.locator("button.node[data-frame='5']").click()
+        expect(info).to_contain_text("Frame #5")
+        # The reading view: the whole branch, each picture whole and scaled up, with its full text.
+        page.get_by_text("Reading view: the current branch").click()
+        page.get_by_role("button", name="Show the current branch").click()
+        figures = page.locator(".reading figure")
+        expect(figures).to_have_count(3)
+        expect(figures.last).to_contain_text(BRANCH)
+        widths = figures.locator("img").evaluate_all("els => els.map(e => [e.clientWidth, e.naturalWidth])")
+        assert all(shown == 384 for shown, _ in widths), widths  # one useful size: the model paints small
+        assert all(shown >= 4 * natural for shown, natural in widths[1:]), widths
+        page.locator(".reading").screenshot(path=os.path.join(ARTIFACTS, "reading-view.png"))
 
         # Export the current branch as PDF and download it.
         page.get_by_role("button", name="Save, load, export").click()
@@ -223,7 +243,7 @@ def test_story_in_the_browser(app_server, page):
         page.reload(wait_until="load")
         status("Your story is back where you left it")
         expect(thumbs).to_have_count(3)
-        expect(captions.last).to_have_text(f"2. {BRANCH}")
+        expect(captions.last).to_have_text(f"▶ 2. {BRANCH}")
         expect(info).to_contain_text("Frame #5")
         shot("reloaded")
     except BaseException:
