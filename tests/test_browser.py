@@ -254,3 +254,68 @@ def test_story_in_the_browser(app_server, page):
         except Exception:  # noqa: BLE001 - keep the original error
             pass
         raise
+
+
+def test_a_long_branching_story_in_the_browser(app_server, page):
+    """25 frames with three branches: the tree stays readable (one font size at every depth), its nodes move
+    between branches, the storyboard shows every picture whole; screenshots of the tree and the storyboard."""
+    from playwright.sync_api import expect
+
+    info = page.locator("p", has_text=re.compile(r"^Frame #\d+ · step"))
+    thumbs = page.locator("#storyboard .thumbnail-item")
+    tree = page.locator(".story-outline")
+
+    def click(name):
+        page.get_by_role("button", name=name, exact=True).click()
+
+    def next_n(n):
+        box = page.get_by_label("number input for N")
+        box.fill(str(n))
+        box.press("Enter")
+        click("Next N frames")
+        expect(page.get_by_text(re.compile(rf"^Added {n} frame\(s\)"))).to_be_visible(timeout=WAIT_MS)
+
+    def node(frame_id):
+        return tree.locator(f"button.node[data-frame='{frame_id}']")
+
+    try:
+        page.goto(app_server, wait_until="load")
+        page.get_by_test_id("file-upload").first.set_input_files(os.path.join(ROOT, "assets", "examples",
+                                                                              "fox_meadow.png"))
+        page.get_by_label("Opening text").fill(OPENING)
+        click("Start story")
+        expect(thumbs).to_have_count(1)
+        next_n(24)
+        expect(thumbs).to_have_count(25)
+        expect(tree.locator(".run")).to_have_count(1)  # a straight story is one row
+        # Three branches: two at step 10, one at step 20 of the first, each written on by the model.
+        for at in (10, 10, 20):
+            node(at).click()
+            expect(info).to_contain_text(f"Frame #{at} ")
+            click("Branch here")
+            expect(page.get_by_text(re.compile(r"^New branch at frame #\d+"))).to_be_visible(timeout=WAIT_MS)
+            next_n(2)
+        expect(tree.locator(".run")).to_have_count(1 + 3 + 2)  # steps 0-10, three branches, the rest of each fork
+        expect(node(10)).to_have_attribute("data-branches", "3")
+        # Move between branches by clicking the tree: the storyboard follows the branch clicked.
+        node(24).click()  # the first story's last frame
+        expect(info).to_contain_text("Frame #24 ")
+        expect(thumbs).to_have_count(25)
+        node(27).click()  # the end of the first branch at step 10 (#25-#27)
+        expect(info).to_contain_text("Frame #27 ")
+        expect(thumbs).to_have_count(14)  # steps 0-10, the branch's first frame and two more
+        sizes = tree.locator("button.node").evaluate_all("els => els.map(e => parseFloat(getComputedStyle(e).fontSize))")
+        assert len(sizes) == 25 + 3 * 3 and min(sizes) == sizes[0], sizes  # the deepest is as large as the root
+        # Every storyboard picture whole: the drawn box has the picture's own shape (no crop).
+        shapes = page.locator("#storyboard .thumbnail-item img").evaluate_all(
+            "els => els.map(e => [e.naturalWidth / e.naturalHeight, getComputedStyle(e).objectFit])")
+        assert all(fit == "contain" for _, fit in shapes), shapes
+        tree.screenshot(path=os.path.join(ARTIFACTS, "story-tree-25-frames.png"))
+        page.locator("#storyboard").screenshot(path=os.path.join(ARTIFACTS, "storyboard.png"))
+        assert page.page_errors == [], page.page_errors
+    except BaseException:
+        try:
+            page.screenshot(path=os.path.join(ARTIFACTS, "failure-long.png"), full_page=True)
+        except Exception:  # noqa: BLE001 - keep the original error
+            pass
+        raise
