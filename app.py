@@ -14,9 +14,11 @@ import tempfile
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from seedstory.quiet import quiet_libraries  # noqa: E402
 from seedstory.threads import passive_openmp  # noqa: E402
 
 passive_openmp()
+quiet_libraries()
 
 import gradio as gr  # noqa: E402
 
@@ -415,7 +417,11 @@ def main(argv=None) -> None:
         max_file_size="20mb",
         css=APP_CSS,
         show_error=True,
+        quiet=True,  # Gradio's own banner suggests a share link, which this app does not make
+        prevent_thread_lock=True,
     )
+    print(f"SEED-Story ({holder.preset}) is running: open {demo.local_url} in a browser. Ctrl+C stops it.", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

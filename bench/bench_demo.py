@@ -35,9 +35,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from seedstory.quiet import quiet_libraries  # noqa: E402
 from seedstory.threads import passive_openmp  # noqa: E402
 
 passive_openmp()
+quiet_libraries()
 
 import torch  # noqa: E402
 

@@ -270,3 +270,32 @@ def test_outputs_are_named_and_versions_come_side_by_side(app_server, opening_pn
     assert all(os.path.isfile(item["image"]) for item in r[VERSIONS])
     page = call(client, api_name="/read_branch")
     assert page.count("<figure>") == 2 and page.count("data:image/png;base64,") == 2 and "◀ selected" in page
+
+
+def test_the_app_says_where_it_runs_and_nothing_else(tmp_path):
+    """``python app.py`` prints one line with its address: no share-link hint (there is none), no library notices."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, _free_port
+
+    port = _free_port()
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", OMP_NUM_THREADS="1",
+               GRADIO_TEMP_DIR=str(tmp_path / "gradio"), SEEDSTORY_AUTOSAVE_DIR=str(tmp_path / "autosave"))
+    env.pop("SEEDSTORY_VERBOSE", None)
+    log = tmp_path / "app.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--preset", "tiny"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while "is running" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+            time.sleep(1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    printed = log.read_text()
+    assert f"open http://127.0.0.1:{port}/ in a browser" in printed, printed
+    assert "share=True" not in printed and "torchvision" not in printed and "Loading weights" not in printed, printed

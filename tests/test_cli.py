@@ -244,3 +244,23 @@ def test_entry_points_let_idle_openmp_threads_sleep(module):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", SPY, module], capture_output=True, text=True, cwd=root, timeout=300)
     assert "torch imported with OMP_WAIT_POLICY = ['PASSIVE']" in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+def test_a_command_prints_what_its_user_needs(workdir, opening_png):
+    """No library notices on a plain run: no torchvision fallback notes, no weights progress bar, no float32 cast
+    warning; ``SEEDSTORY_VERBOSE=1`` brings them back."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "seedstory", "generate", "--preset", "tiny", "--image", opening_png, "--text", TEXT,
+           "--frames", "1", "--out", str(workdir / "quiet_story")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SEEDSTORY_VERBOSE", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    noise = ("torchvision", "Loading weights", "kept in float32")
+    assert not [n for n in noise if n in out.stderr + out.stdout], out.stderr[-2000:]
+    loud = subprocess.run(cmd[:-1] + [str(workdir / "loud_story")], capture_output=True, text=True, cwd=root,
+                          timeout=300, env=dict(env, SEEDSTORY_VERBOSE="1"))
+    assert loud.returncode == 0 and "torchvision" in loud.stderr

@@ -16,9 +16,11 @@ import logging
 import os
 import sys
 
+from ..quiet import quiet_libraries
 from ..threads import passive_openmp
 
 passive_openmp()
+quiet_libraries()
 
 log = logging.getLogger("seedstory.eval")
 
