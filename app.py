@@ -59,6 +59,8 @@ def hand_upload_to_app(component: gr.Image) -> gr.Image:
 APP_CSS = """
 #selected-frame img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 #storyboard img, #versions img { image-rendering: pixelated; }
+#storyboard .caption-label, #versions .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
+  max-height: none; }
 """
 
 

@@ -310,6 +310,9 @@ def test_a_long_branching_story_in_the_browser(app_server, page):
         shapes = page.locator("#storyboard .thumbnail-item img").evaluate_all(
             "els => els.map(e => [e.naturalWidth / e.naturalHeight, getComputedStyle(e).objectFit])")
         assert all(fit == "contain" for _, fit in shapes), shapes
+        cut = page.locator("#storyboard .caption-label").evaluate_all(
+            "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)")
+        assert cut == [], cut  # full captions, wrapped
         tree.screenshot(path=os.path.join(ARTIFACTS, "story-tree-25-frames.png"))
         page.locator("#storyboard").screenshot(path=os.path.join(ARTIFACTS, "storyboard.png"))
         assert page.page_errors == [], page.page_errors
