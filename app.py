@@ -24,7 +24,7 @@ import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
 from seedstory.cli import default_preset  # noqa: E402
-from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, REPO_ROOT, list_presets  # noqa: E402
+from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
 
 try:  # On Hugging Face ZeroGPU, GPU-bound calls must be decorated; elsewhere this is a no-op.

@@ -11,12 +11,12 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import write_file
 from .config import REPO_ROOT
 from .story import Frame, StoryError, StoryTree
 
@@ -115,21 +115,6 @@ def html_page(frames: list[Frame], title: str = "A story") -> str:
     )
 
 
-def _atomic_write(path: str, write) -> str:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def export_frames(frames: list[Frame], fmt: str, path: str, title: str = "A story") -> str:
     """Write ``frames`` (one path of a story) to ``path`` in ``fmt`` (comic, html, pdf, gif, zip)."""
     if fmt not in FORMATS:
@@ -138,17 +123,17 @@ def export_frames(frames: list[Frame], fmt: str, path: str, title: str = "A stor
         raise StoryError("there is nothing to export yet")
     if fmt == "comic":
         page = comic_page(frames, title=title)
-        return _atomic_write(path, lambda f: page.save(f, format="PNG"))
+        return write_file(path, lambda f: page.save(f, format="PNG"))
     if fmt == "html":
         text = html_page(frames, title).encode()
-        return _atomic_write(path, lambda f: f.write(text))
+        return write_file(path, lambda f: f.write(text))
     if fmt == "pdf":
         pages = [panel(f, i, side=512) for i, f in enumerate(frames)]
-        return _atomic_write(path, lambda f: pages[0].save(f, format="PDF", save_all=True, append_images=pages[1:],
+        return write_file(path, lambda f: pages[0].save(f, format="PDF", save_all=True, append_images=pages[1:],
                                                            resolution=96, title=title))
     if fmt == "gif":
         pages = [panel(f, i, side=320).convert("P", palette=Image.ADAPTIVE) for i, f in enumerate(frames)]
-        return _atomic_write(path, lambda f: pages[0].save(f, format="GIF", save_all=True, append_images=pages[1:],
+        return write_file(path, lambda f: pages[0].save(f, format="GIF", save_all=True, append_images=pages[1:],
                                                            duration=1800, loop=0))
 
     def write_zip(f):
@@ -164,7 +149,7 @@ def export_frames(frames: list[Frame], fmt: str, path: str, title: str = "A stor
             zf.writestr("story.txt", "\n\n".join(f"{i}. {fr.text}" for i, fr in enumerate(frames)) + "\n")
             zf.writestr("story.json", json.dumps({"title": title, "frames": story}, indent=1, ensure_ascii=False))
 
-    return _atomic_write(path, write_zip)
+    return write_file(path, write_zip)
 
 
 def export_story(tree: StoryTree, fmt: str, path: str, frame_id: Optional[int] = None, title: str = "A story") -> str:

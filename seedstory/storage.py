@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from typing import Optional
@@ -22,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic import write_dir
+from .atomic import write_dir, write_file
 from .image_processing import ImageError, load_image
 from .story import Frame, StoryTree
 
@@ -79,17 +78,12 @@ def save_story(tree: StoryTree, path: str, model_name: str = "", png_cache: Opti
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if path.endswith(".zip"):
-        fd, tmp = tempfile.mkstemp(dir=parent, suffix=".zip.tmp")
-        try:
-            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
+        def pack(raw):
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
                 for name, data in files.items():
                     zf.writestr(name, data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+
+        return write_file(path, pack)
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "story.json")) and os.listdir(path):
         raise StoryFileError(f"{path} exists and is not a saved story; refusing to replace it")
 
