@@ -8,6 +8,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_sessionstart(session):
+    """Whatever the code under test puts in the temp folder (each app session's folder, Gradio's cache, exports, the
+    servers and browsers the tests start) goes under pytest's own base folder, which a passing run removes
+    (pytest.ini: ``tmp_path_retention_policy = failed``) and a failing one keeps for a look, the last one only."""
+    import tempfile
+
+    temp = session.config._tmp_path_factory.getbasetemp() / "tmp"
+    temp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(temp)
+
+
 @pytest.fixture(scope="session")
 def word_tokenizer():
     """A word-level tokenizer whose ids can be written by hand: [ INST ] a cat the dog sun ..."""

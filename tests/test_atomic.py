@@ -37,3 +37,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_leftovers(tmp_path):
     with pytest.raises(RuntimeError):
         write_file(path, broken)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["story.zip"]
+
+
+def test_a_test_run_writes_its_temp_files_where_pytest_cleans_up(tmp_path_factory, pytestconfig):
+    """Sessions' folders, Gradio's cache and the servers' files land under pytest's base folder, which a passing run
+    removes: a run of the suite used to leave about 900 MB in /tmp."""
+    import tempfile
+
+    base = str(tmp_path_factory.getbasetemp())
+    assert tempfile.gettempdir().startswith(base) and os.environ["TMPDIR"] == tempfile.gettempdir()
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
