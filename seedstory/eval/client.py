@@ -149,6 +149,9 @@ class ChatClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self.requests = 0  # HTTP requests sent (retries included)
+        # Until the server has answered once, a refused connection or an unknown host is a wrong address or a
+        # server that is not running: said at once instead of after minutes of retries.
+        self.reached = False
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(url={redact_url(self.url)!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
@@ -198,9 +201,11 @@ class ChatClient:
         self.requests += 1
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                self.reached = True
                 raw = response.read()
                 status = response.status
         except urllib.error.HTTPError as e:
+            self.reached = True
             try:
                 detail = e.read()[:ERROR_BODY_CHARS * 4].decode("utf-8", "replace")
             except Exception:  # the error body itself may be cut off
@@ -221,7 +226,10 @@ class ChatClient:
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise _Retry(f"no answer from {redact_url(self.url)} within {self.timeout:g} s") from None
             if isinstance(reason, OSError):
-                raise _Retry(f"cannot reach {redact_url(self.url)}: {self._scrub(str(reason))}") from None
+                message = f"cannot reach {redact_url(self.url)}: {self._scrub(str(reason))}"
+                if not self.reached and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                    raise ChatError(message + " (is the server running? check --base-url)") from None
+                raise _Retry(message) from None
             raise ChatError(f"cannot reach {redact_url(self.url)}: {self._scrub(str(reason))}") from None
         except (http.client.HTTPException, ConnectionError, OSError) as e:
             raise _Retry(f"connection to {redact_url(self.url)} failed: {type(e).__name__}: {self._scrub(str(e))}") from None
