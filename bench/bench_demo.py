@@ -3,7 +3,7 @@ by the synthetic-world analyzer (``seedstory.eval.synthetic``).
 
     python bench/bench_demo.py                       # 50 openings from data/world/val.jsonl, 25 frames each
     python bench/bench_demo.py --stories 10 --frames 24 --preset demo --out runs/bench_demo
-    python bench/bench_demo.py --text-only --val data/world/dev.jsonl --stories 20 --out runs/dev_text  # ~2 min
+    python bench/bench_demo.py --text-only --world-seed 2 --stories 20 --out runs/dev_text  # ~2 min, unseen openings
     python bench/bench_demo.py --world-seed 1 --out runs/bench_seed1   # openings of a world made with another seed
 
 The opening (first picture + first caption of a validation story) is given; the model writes the next
