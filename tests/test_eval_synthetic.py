@@ -196,7 +196,7 @@ def test_predicted_features_come_from_the_story_so_far(world_data):
 def test_teacher_forced_logic_judges_each_next_caption_against_the_true_story(world_data, monkeypatch):
     from seedstory.engine import StoryEngine
 
-    result = E.logic(world_data[0], "tiny", world_data[1], stories=2, frames=4, progress=False)
+    result = E.logic(*world_data, "tiny", stories=2, frames=4, progress=False)
     assert result["captions"] == 2 * 3 and result["judged"] + result["unparsed"] == 6
     jsonl, images = world_data
     _, frames, truths = next(E.dataset_stories(jsonl, images, 1, 6))
@@ -210,13 +210,13 @@ def test_teacher_forced_logic_judges_each_next_caption_against_the_true_story(wo
         return captions[len(path)]
 
     monkeypatch.setattr(StoryEngine, "draft_text", true_next)
-    result = E.logic(jsonl, "tiny", images, stories=1, frames=6, progress=False)
+    result = E.logic(jsonl, images, "tiny", stories=1, frames=6, progress=False)
     assert result["story_logic"] == 1.0 and result["judged"] == 5
     assert seen == [captions[:k] for k in range(1, 6)]
     rng = np.random.default_rng(0)
     monkeypatch.setattr(StoryEngine, "draft_text",
                         lambda self, tree, frame_id, seed, settings=None: E.impossible_caption(
                             truths[len(tree.path(frame_id)) - 1], rng))
-    result = E.logic(jsonl, "tiny", images, stories=1, frames=6, progress=False)
+    result = E.logic(jsonl, images, "tiny", stories=1, frames=6, progress=False)
     assert result["story_logic"] == 0.0 and result["judged"] == 5 and result["problems"]
     assert E.main(["logic", jsonl, "--images", images, "--preset", "tiny", "--stories", "1", "--frames", "2"]) == 0

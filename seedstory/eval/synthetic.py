@@ -535,7 +535,7 @@ def predict(jsonl: str, image_root: str, preset: str, overrides: Optional[list[s
     return tally.result()
 
 
-def logic(jsonl: str, preset: str, image_root: str, overrides: Optional[list[str]] = None, stories: int = 10,
+def logic(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, stories: int = 10,
           frames: int = 25, seed: int = 0, progress: bool = True) -> dict:
     """Teacher-forced story logic, the text's fast proxy: before each frame of ``stories`` held-out stories the
     agent reads the real story so far (pictures and captions, through the engine and the preset's window), writes
@@ -648,7 +648,7 @@ def run(args) -> int:
             from ..cli import default_preset
 
             if args.what == "logic":
-                result = logic(args.jsonl, args.preset or default_preset(), args.images, args.overrides,
+                result = logic(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                args.stories, args.frames, args.seed)
                 rate = "n/a" if result["story_logic"] is None else f"{result['story_logic']:.1%}"
                 text = (f"teacher-forced story logic {rate} of {result['judged']} captions ({result['unparsed']} did "
