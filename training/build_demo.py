@@ -53,17 +53,15 @@ def needs(stage: tuple) -> set[str]:
 
 
 # glibc hands every large freed block back to the kernel and maps it afresh on the next step, so a CPU stage
-# spends ~15% of its time in page faults; keeping those blocks in the heap made a demo stage-1 step 7% faster
-# (2.42 vs 2.57-2.69 s on 2 cores, same losses). Other allocators ignore these; the user's own settings win.
+# spends much of its time in page faults; these keep the blocks in the heap (docs/experiments.md). Other
+# allocators ignore them; the user's own settings win.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
               "MALLOC_TOP_PAD_": "268435456"}
 
 
-# Two CPU stages at once: OpenMP threads that spin while they wait for work take the other stage's core
-# (stages 1 and 2 side by side, 2 threads each, 20 and 30 steps: 279 and 269 s, against 85 and 94 s one after
-# the other); passive ones sleep (the pair in 143 and 136 s against 163 and 178 s, build_demo --jobs 2 vs 1,
-# twice each: 1.22x), each stage keeps its thread count (the same weights, bit for bit) and takes both cores
-# once the other is done.
+# Two CPU stages at once: OpenMP threads that spin while they wait for work take the other stage's core;
+# passive ones sleep, so each stage keeps its thread count (the same weights, bit for bit) and takes both
+# cores once the other is done (docs/experiments.md).
 SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
