@@ -3,10 +3,8 @@ view functions that turn a story into what the widgets show. ``app.py`` only wir
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
-import io
 import os
 import re
 import tempfile
@@ -21,7 +19,7 @@ from PIL import Image
 from .config import GenerationSettings
 from .doctor import report_for_preset
 from .engine import StoryEngine
-from .export import FORMATS, export_story
+from .export import FORMATS, export_story, figures_html
 from .holder import ModelHolder
 from .image_processing import load_image
 from .storage import StoryFileError, load_story, save_story
@@ -89,7 +87,7 @@ class StorySession:
     deleted: Optional[Detached] = field(default=None, repr=False)  # the last delete, until undone or another
     browser_key: Optional[str] = None  # the browser's secret key for its autosave (``resume``)
     writing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one generation at a time
-    saved_pngs: dict = field(default_factory=dict, repr=False)  # frame id -> PNG, already encoded for the autosave
+    saved_pngs: dict = field(default_factory=dict, repr=False)  # frame id -> PNG, already encoded (``_png_cache``)
     saved_pngs_of: Optional[str] = None  # the story (uid) those pictures belong to
 
     def require_tree(self) -> StoryTree:
@@ -187,18 +185,18 @@ def tree_html(session: StorySession) -> str:
     rows = []
     for run in tree_runs(tree):
         buttons = []
-        for f in run["frames"]:
+        head = run["frames"][0]
+        first_step = tree.depth(head.id) - 1  # a run's frames follow one another: steps first_step, first_step + 1, ...
+        for step, f in enumerate(run["frames"], start=first_step):
             classes = ["node"] + (["on-path"] if f.id in on_path else []) + (["current"] if f.id == tree.current else [])
             extra = ""
             if len(f.children) > 1:
                 classes.append("fork")
                 extra = f" data-branches='{len(f.children)}'"
-            tip = html.escape(f"#{f.id} · step {tree.depth(f.id) - 1} · {f.origin}: {f.text}", quote=True)
+            tip = html.escape(f"#{f.id} · step {step} · {f.origin}: {f.text}", quote=True)
             buttons.append(f"<button type='button' class='{' '.join(classes)}' data-frame='{f.id}'{extra} "
-                           f"title='{tip}'>{tree.depth(f.id) - 1}</button>")
-        head = run["frames"][0]
-        start = (f"<span class='from'>from {tree.depth(run['from']) - 1} ↳</span>" if run["from"] is not None
-                 else "")
+                           f"title='{tip}'>{step}</button>")
+        start = f"<span class='from'>from {first_step - 1} ↳</span>" if run["from"] is not None else ""
         words = f"<span class='words'>{html.escape(first_words(head.text))}</span>"
         indent = min(run["level"], TREE_INDENT_LEVELS) * 1.1
         path_class = " on-path" if head.id in on_path else ""
@@ -231,21 +229,13 @@ READING_CSS = ("<style>.reading figure { margin: 0 0 1.2em; } .reading img { wid
 
 
 def reading_html(session: StorySession) -> str:
-    """The current branch to read, one frame after another: each picture whole, scaled up without blurring
-    (``image-rendering: pixelated``), with its full text; the selected frame is marked."""
+    """The current branch to read, one frame after another (the HTML export's figures): each picture whole, scaled
+    up without blurring (``image-rendering: pixelated``), with its full text; the selected frame is marked."""
     tree = session.tree
     if tree is None or tree.current is None:
         return NO_STORY_HTML
-    parts = []
-    for i, f in enumerate(tree.path(tree.leaf(tree.current))):
-        picture = ""
-        if f.image is not None:
-            buf = io.BytesIO()
-            f.image.save(buf, format="PNG")
-            picture = f"<img alt='frame {i}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-        mark = " ◀ selected" if f.id == tree.current else ""
-        parts.append(f"<figure>{picture}<figcaption><b>{i}.</b> {html.escape(f.text)}<i>{mark}</i></figcaption></figure>")
-    return READING_CSS + "<div class='reading'>" + "".join(parts) + "</div>"
+    figures = figures_html(tree.path(tree.leaf(tree.current)), selected=tree.current, png_cache=_png_cache(session))
+    return READING_CSS + "<div class='reading'>" + "".join(figures) + "</div>"
 
 
 def frame_choices(session: StorySession) -> list[str]:
@@ -436,13 +426,18 @@ def autosave(session: StorySession) -> None:
     the folder, so a long-running server keeps it bounded."""
     if session.browser_key is None or session.tree is None or not session.tree.frames:
         return
-    if session.saved_pngs_of != session.tree.uid:
-        session.saved_pngs, session.saved_pngs_of = {}, session.tree.uid
     path = _autosave_path(session.browser_key)
     if not os.path.exists(path):
         prune_autosaves()
     os.makedirs(autosave_dir(), exist_ok=True)
-    save_story(session.tree, path, png_cache=session.saved_pngs)
+    save_story(session.tree, path, png_cache=_png_cache(session))
+
+
+def _png_cache(session: StorySession) -> dict:
+    """The session's story's pictures as PNG bytes, each encoded once (autosaves, the reading view)."""
+    if session.saved_pngs_of != session.tree.uid:
+        session.saved_pngs, session.saved_pngs_of = {}, session.tree.uid
+    return session.saved_pngs
 
 
 def prune_autosaves(max_age_hours: float = AUTOSAVE_HOURS, max_bytes: int = AUTOSAVE_MAX_BYTES) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_file
 from .config import REPO_ROOT
+from .storage import frame_png
 from .story import Frame, StoryError, StoryTree
 
 FONT_PATH = os.path.join(REPO_ROOT, "assets", "fonts", "DejaVuSans.ttf")
@@ -94,17 +94,22 @@ def comic_page(frames: list[Frame], columns: Optional[int] = None, side: int = P
     return page
 
 
-def _png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def figures_html(frames: list[Frame], selected: Optional[int] = None, png_cache: Optional[dict] = None) -> list[str]:
+    """One ``<figure>`` per frame: its picture embedded as a PNG, "i. text" below it; the frame whose id is
+    ``selected`` is marked. ``png_cache``: see ``storage.frame_png``."""
+    items = []
+    for i, f in enumerate(frames):
+        img = ""
+        if f.image is not None:
+            data = base64.b64encode(frame_png(f, png_cache)).decode()
+            img = f'<img alt="frame {i}" src="data:image/png;base64,{data}">'
+        mark = "<i> ◀ selected</i>" if f.id == selected else ""
+        items.append(f"<figure>{img}<figcaption><b>{i}.</b> {html.escape(f.text)}{mark}</figcaption></figure>")
+    return items
 
 
 def html_page(frames: list[Frame], title: str = "A story") -> str:
-    items = []
-    for i, f in enumerate(frames):
-        img = f'<img alt="frame {i}" src="data:image/png;base64,{_png_b64(f.image)}">' if f.image is not None else ""
-        items.append(f'<figure>{img}<figcaption><b>{i}.</b> {html.escape(f.text)}</figcaption></figure>')
+    items = figures_html(frames)
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>"
@@ -142,9 +147,7 @@ def export_frames(frames: list[Frame], fmt: str, path: str, title: str = "A stor
             for i, fr in enumerate(frames):
                 name = f"frame_{i:03d}.png"
                 if fr.image is not None:
-                    buf = io.BytesIO()
-                    fr.image.save(buf, format="PNG")
-                    zf.writestr(name, buf.getvalue())
+                    zf.writestr(name, frame_png(fr))
                 story.append({"index": i, "text": fr.text, "image": name, "seed": fr.seed})
             zf.writestr("story.txt", "\n\n".join(f"{i}. {fr.text}" for i, fr in enumerate(frames)) + "\n")
             zf.writestr("story.json", json.dumps({"title": title, "frames": story}, indent=1, ensure_ascii=False))

@@ -37,9 +37,22 @@ def _frame_png(frame_id: int) -> str:
     return f"frames/{frame_id:04d}.png"
 
 
+def frame_png(frame: Frame, png_cache: Optional[dict] = None) -> bytes:
+    """The frame's picture as PNG bytes, encoded once per ``png_cache`` ({frame id: PNG bytes}, for one tree: a
+    frame's picture never changes)."""
+    data = png_cache.get(frame.id) if png_cache is not None else None
+    if data is None:
+        buf = io.BytesIO()
+        frame.image.save(buf, format="PNG")
+        data = buf.getvalue()
+        if png_cache is not None:
+            png_cache[frame.id] = data
+    return data
+
+
 def story_to_files(tree: StoryTree, model_name: str = "", png_cache: Optional[dict] = None) -> dict[str, bytes]:
-    """The files of a saved story, as {relative path: bytes}. ``png_cache`` ({frame id: PNG bytes}, for one tree:
-    a frame's picture never changes) saves re-encoding the pictures of a story saved again and again."""
+    """The files of a saved story, as {relative path: bytes}. ``png_cache`` (``frame_png``) saves re-encoding the
+    pictures of a story saved again and again."""
     files: dict[str, bytes] = {}
     frames, tensors = [], {}
     for fid in sorted(tree.frames):
@@ -48,15 +61,8 @@ def story_to_files(tree: StoryTree, model_name: str = "", png_cache: Optional[di
                  "origin": f.origin, "children": f.children, "token_ids": f.token_ids, "created": f.created,
                  "image": None}
         if f.image is not None:
-            data = png_cache.get(f.id) if png_cache is not None else None
-            if data is None:
-                buf = io.BytesIO()
-                f.image.save(buf, format="PNG")
-                data = buf.getvalue()
-                if png_cache is not None:
-                    png_cache[f.id] = data
             entry["image"] = _frame_png(f.id)
-            files[entry["image"]] = data
+            files[entry["image"]] = frame_png(f, png_cache)
         # clones: a repainted frame shares its features with the frame it repaints, and safetensors refuses
         # tensors that share memory
         if f.features is not None:
@@ -75,8 +81,6 @@ def save_story(tree: StoryTree, path: str, model_name: str = "", png_cache: Opti
     """Save to ``path`` (a directory, or a ``.zip`` file if the name ends so), atomically."""
     files = story_to_files(tree, model_name, png_cache)
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
     if path.endswith(".zip"):
         def pack(raw):
             with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:

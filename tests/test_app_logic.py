@@ -225,6 +225,9 @@ def test_select_and_switch_versions(holder, ui, session):
         logic.select_version(session, 5)
     page = logic.reading_html(session)
     assert page.count("<figure>") == 3 and "image-rendering: pixelated" in page and "◀ selected" in page
+    # the pictures are encoded once per session, shared with the autosaves
+    branch = session.tree.path(session.tree.leaf(session.tree.current))
+    assert {f.id for f in branch} <= set(session.saved_pngs) and session.saved_pngs_of == session.tree.uid
     assert logic.frame_choices(session) == [logic.frame_label(session.tree.frames[i]) for i in (0, 1, 2, r.id)]
     tree = logic.tree_html(session)
     assert tree.count("data-frame=") == 4 and f"class='node on-path current' data-frame='{session.tree.current}'" in tree
