@@ -4,7 +4,7 @@
 ``regenerate`` replaces a frame by a new sibling (new text, new picture or both); ``edit_text`` replaces
 a frame's text and recomputes its picture; ``branch`` adds another child; ``delete`` removes a subtree.
 
-Context (FORMATS §5): each frame's picture enters the LM as its features; the last ``window`` frames
+Context (docs/formats.md §5): each frame's picture enters the LM as its features; the last ``window`` frames
 stay in context. Three ways to maintain it:
 
 - ``recompute``: rebuild ``[BOS] + window`` from scratch every frame (the release's plain script).

@@ -1,4 +1,4 @@
-r"""The one prompt serializer, shared by training and inference (FORMATS §5).
+r"""The one prompt serializer, shared by training and inference (docs/formats.md §5).
 
 A story is captions c0, c1, ... and one image per caption. Serialized:
 

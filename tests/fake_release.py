@@ -1,4 +1,4 @@
-"""Tiny fakes of the released SEED-Story files, in the exact release formats (FORMATS.md §1-§5).
+"""Tiny fakes of the released SEED-Story files, in the exact release formats (docs/formats.md §1-§5).
 
 Builders shared by tests/test_release_checkpoints.py, tests/test_release_pipeline.py and tests/test_doctor.py:
 

@@ -1,5 +1,5 @@
 """The de-tokenizer objective shared by stages 1 and 3: DDPM epsilon-prediction MSE on VAE latents,
-conditioned on ViT-space features through the XL resampler (FORMATS §6)."""
+conditioned on ViT-space features through the XL resampler (docs/formats.md §6)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,6 +1,6 @@
 """``python -m seedstory extract-vit``: the visual tokenizer from a Qwen-VL-Chat download.
 
-SEED-Story's ``visual_tokenizer/qwen_vit_G.pt`` is Qwen-VL-Chat's ``transformer.visual`` state dict (FORMATS
+SEED-Story's ``visual_tokenizer/qwen_vit_G.pt`` is Qwen-VL-Chat's ``transformer.visual`` state dict (docs/formats.md
 §4). ``extract_qwen_vit`` reads a local Qwen/Qwen-VL-Chat folder (``.safetensors`` or ``.bin`` shards, with or
 without an index file), keeps the ``transformer.visual.*`` tensors with the prefix stripped, checks them against
 ``QwenVisionTransformer``'s keys and shapes, and writes ``qwen_vit_G.safetensors`` (and, on request,
@@ -177,7 +177,7 @@ def extract_qwen_vit(
                               "Qwen/Qwen-VL-Chat).")
     try:
         check_state_dict(src, {k: m.shape for k, m in shapes.items()}, expected,
-                         what="the visual tokenizer (QwenVisionTransformer, FORMATS §4)")
+                         what="the visual tokenizer (QwenVisionTransformer, docs/formats.md §4)")
     except CheckpointError as e:
         raise CheckpointError(f"{e} (checked the {VISUAL_PREFIX}* tensors against the preset's visual_tokenizer "
                               "sizes; the release's are Qwen-VL-Chat's ViT-bigG)") from None

@@ -1,6 +1,6 @@
 """The released SEED-Story weights: where each file goes, and how it loads into our modules.
 
-This module is the one place that knows the release file formats (FORMATS.md §1-§5). Everything is
+This module is the one place that knows the release file formats (docs/formats.md §1-§5). Everything is
 read from local files; nothing is downloaded. Files live under ``./pretrained`` (see ``RELEASE_FILES``):
 
 - ``visual_tokenizer/qwen_vit_G.pt``: a plain state dict of Qwen-VL-Chat's ``transformer.visual``; names
@@ -375,7 +375,7 @@ def _manifest(name: str) -> dict:
 
 
 def release_manifest(name: str, roles: bool = False) -> dict:
-    """``{key: shape}`` of a released file (every key the reference module has; FORMATS §1), or with
+    """``{key: shape}`` of a released file (every key the reference module has; docs/formats.md §1), or with
     ``roles`` ``{key: (shape, role)}``, role one of trainable / frozen / buffer / parameter.
     ``name``: a manifest name (``agent_seed_story_george_sft``, ``agent_seedx_pretrained``,
     ``detokenizer_pretrained``, ``detokenizer_george_adapted``, ``qwen_vit_G``) or a RELEASE_FILES name."""
@@ -441,7 +441,7 @@ def _parse_agent_key(key: str) -> tuple[str, str]:
         return "unknown", key
     k = key[len(LLM_PREFIX):]
     if k.endswith("rotary_emb.inv_freq"):
-        return "ignored", k  # RoPE is recomputed exactly (FORMATS §2)
+        return "ignored", k  # RoPE is recomputed exactly (docs/formats.md §2)
     for marker, kind in _PEFT_MARKERS:
         if marker in k:
             mod, param = k.split(marker, 1)
