@@ -210,6 +210,23 @@ def test_story_sample_follows_formats_section_5(dataset_files, word_tokenizer):
     assert batch["embeds_gen_mask"].sum() == 3 and batch["sd_pixel_values"].shape == (3, 3, 16, 16)
 
 
+def test_text_only_samples_read_no_picture_and_keep_the_layout(dataset_files, word_tokenizer, tmp_path):
+    pf = PromptFormat(word_tokenizer, 4)
+    kw = dict(max_length=200, seed=1, label_context=True)
+    with_pictures = list(StorySampleDataset(*dataset_files, pf, ImageProcessor(14), **kw))
+    # an image folder that does not exist: a text-only sample never opens a picture
+    text = StorySampleDataset(dataset_files[0], str(tmp_path / "nowhere"), pf, ImageProcessor(14), text_only=True, **kw)
+    samples = list(text)
+    assert len(samples) == len(with_pictures) and not text.skipped
+    for a, b in zip(samples, with_pictures):
+        assert "pixel_values" not in a
+        assert all(torch.equal(a[k], b[k]) for k in b if k != "pixel_values")  # same ids, labels and masks
+    batch = collate_story_samples(samples[:3], pad_id=word_tokenizer.pad_token_id)
+    assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 3
+    with pytest.raises(ValueError, match="no target picture"):
+        StorySampleDataset(*dataset_files, pf, ImageProcessor(14), text_only=True, target_image_resolution=16)
+
+
 def test_two_workers_read_every_story_once_and_the_order_is_seeded(dataset_files, word_tokenizer):
     pf = PromptFormat(word_tokenizer, 4)
 

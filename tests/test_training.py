@@ -240,6 +240,24 @@ def test_stage2_takes_its_loss_weights_from_the_training_config(world, tmp_path)
         assert total[0] == pytest.approx(lm[0] + scale * rec[0], rel=1e-4)
 
 
+def test_stage2_text_only_trains_the_llm_on_the_stories_text_alone(world, tmp_path):
+    import torch
+    from seedstory.pipeline import SeedStoryPipeline
+
+    before = SeedStoryPipeline.from_preset("tiny")
+    final = run_stage("stage2_agent", "tiny-stage2.yaml", tmp_path, world, "train.max_steps=30",
+                      "data.text_only=true", "data.label_context=true", f"data.image_root={tmp_path / 'no-images'}")
+    steps, lm = losses(tmp_path, "lm_loss")
+    assert steps[-1] == 30 and mean(lm[-5:]) < 0.8 * mean(lm[:5])
+    with open(os.path.join(tmp_path, "losses.csv")) as f:
+        assert "rec_loss" not in f.readline()  # no picture comes out either
+    after = SeedStoryPipeline.from_pretrained(final, device="cpu")
+    for name in ("input_resampler", "output_resampler"):  # no picture goes in: the resamplers are as they were
+        old, new = getattr(before.agent, name).state_dict(), getattr(after.agent, name).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert not torch.equal(before.agent.llm.lm_head.weight, after.agent.llm.lm_head.weight)
+
+
 def test_sigkill_then_resume(world, tmp_path):
     """A real ``kill -9`` while training: --resume picks up the last complete checkpoint and finishes."""
     cmd = [sys.executable, "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),

@@ -3,6 +3,9 @@
     loss = lm_loss_scale * LM loss (target text, <img>, EOS) + rec_loss_scale * cosine(regressed, ViT features)
 
 ``train.lm_loss_scale`` / ``train.rec_loss_scale`` override the agent's own weights of the two losses.
+With ``data.text_only`` it reads the stories' text alone (every image slot keeps its placeholder tokens; no
+picture is read, the resamplers are frozen, the loss is the LM loss): the agent's text pre-training, as the
+release starts from an LLM that already knows language.
 The visual tokenizer is frozen. The LLM is tuned with LoRA as the release (r, alpha on the seven
 linears; norms, embeddings and LM head fully trained) or fully (small models); the resamplers are
 always trained. The exported model has the LoRA merged.
@@ -46,7 +49,7 @@ def apply_lora(llm, lora_cfg):
 
 
 def build_data(cfg, pipe, accelerator, target_image_resolution=None):
-    """Story samples (FORMATS §5) streamed from ``data.train_jsonl``; stage 3 also wants the target
+    """Story samples (docs/formats.md §5) streamed from ``data.train_jsonl``; stage 3 also wants the target
     frame's image at the de-tokenizer's resolution."""
     d = cfg.data
     dataset = StorySampleDataset(
@@ -55,6 +58,7 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
         seed=int(cfg.train.get("seed", 0)), shuffle_buffer=int(d.get("shuffle_buffer", 256)),
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         target_image_resolution=target_image_resolution, label_context=bool(d.get("label_context", False)),
+        text_only=bool(d.get("text_only", False)),
     )
     pad_id = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.prompt.eos_id
     return DataLoader(dataset, batch_size=int(cfg.train.batch_size), num_workers=int(d.get("num_workers", 0)),
@@ -72,6 +76,10 @@ def main(argv=None) -> str:
     for key in ("lm_loss_scale", "rec_loss_scale"):
         if t.get(key) is not None:
             setattr(agent, key, float(t[key]))
+    text_only = bool(cfg.data.get("text_only", False))
+    if text_only:  # no picture goes in or comes out
+        agent.input_resampler.requires_grad_(False)
+        agent.output_resampler.requires_grad_(False)
     lora = t.get("lora")
     if lora:
         agent.llm.requires_grad_(False)
@@ -85,6 +93,9 @@ def main(argv=None) -> str:
     start = resume(acc, out) if args.resume else 0
 
     def losses(batch):
+        if text_only:
+            result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=None)
+            return {"lm_loss": result["lm_loss"]}
         with torch.no_grad():
             image_embeds = vit(batch["pixel_values"].to(acc.device))
         result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)

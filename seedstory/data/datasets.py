@@ -1,7 +1,7 @@
 """Streaming training datasets over StoryStream-format jsonl (one story a line: ``images``, ``captions``).
 
 * ``StorySampleDataset`` — stage 2 (and 3): story samples serialized by ``PromptFormat.training_sample`` (the
-  one serializer, FORMATS §5) plus the ViT inputs of every image the sample uses.
+  one serializer, docs/formats.md §5) plus the ViT inputs of every image the sample uses (none with ``text_only``).
 * ``ImageDataset`` — stages 0/1: every frame image, as ViT input and as SDXL-style de-tokenizer target with
   its ``time_ids``.
 
@@ -122,15 +122,21 @@ class StorySampleDataset(_JsonlStream):
 
     Length policy: a sample longer than ``max_length`` tokens is never truncated (that could cut an image slot
     in half); its earliest context frames are dropped one by one until it fits, and the story is skipped
-    (counted in ``skipped['too long']``) when even ``min_given`` frames do not fit."""
+    (counted in ``skipped['too long']``) when even ``min_given`` frames do not fit.
+
+    With ``text_only`` no picture is read: each image slot keeps its placeholder tokens, so the LLM learns the
+    stories' text in the very layout it later reads with pictures (the agent's text pre-training)."""
 
     def __init__(self, jsonl: str, image_root: str, prompt: PromptFormat, image_processor: ImageProcessor,
                  max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
-                 target_image_resolution: Optional[int] = None, label_context: bool = False):
+                 target_image_resolution: Optional[int] = None, label_context: bool = False,
+                 text_only: bool = False):
         super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
         self.prompt, self.image_processor = prompt, image_processor
-        self.label_context = bool(label_context)
+        self.label_context, self.text_only = bool(label_context), bool(text_only)
+        if self.text_only and target_image_resolution:
+            raise ValueError("text_only samples have no target picture")
         self.max_length, self.min_given = int(max_length), max(0, int(min_given))
         self.max_frames = int(max_frames) if max_frames else None
         if self.max_frames is not None and self.max_frames < 2:
@@ -160,10 +166,12 @@ class StorySampleDataset(_JsonlStream):
         else:
             self.skipped["too long"] += 1
             return None
+        out = encoded.as_dict()
+        if self.text_only:
+            return out
         pictures = [self.load_image(p) for p in images[first: target + 1]]
         if any(p is None for p in pictures):
             return None
-        out = encoded.as_dict()
         out["pixel_values"] = self.image_processor(pictures)
         if self.target_image_resolution:
             out["sd_pixel_values"], out["time_ids"] = sdxl_resize_crop(pictures[-1], int(self.target_image_resolution))
@@ -231,8 +239,9 @@ def collate_story_samples(samples: Sequence[dict], pad_id: int) -> dict:
         "ids_gen_mask": _pad_stack([s["ids_gen_mask"] for s in samples], False),
         "embeds_cmp_mask": torch.cat([s["embeds_cmp_mask"] for s in samples]),
         "embeds_gen_mask": torch.cat([s["embeds_gen_mask"] for s in samples]),
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
     }
+    if "pixel_values" in samples[0]:  # text-only samples have none
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     for key in ("sd_pixel_values", "time_ids"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])

@@ -151,7 +151,7 @@ class SeedStoryAgent(nn.Module):
                 result["recon_image_embeds"] = recon
         else:
             # Keep the output resampler in the graph so data-parallel training sees every parameter.
-            rec_loss = sum(p.sum() for p in self.output_resampler.parameters() if p.requires_grad) * 0.0
+            rec_loss = inputs_embeds.new_zeros(()) + sum(p.sum() * 0.0 for p in self.output_resampler.parameters() if p.requires_grad)
         result["rec_loss"] = rec_loss
         result["total_loss"] = self.lm_loss_scale * lm_loss + self.rec_loss_scale * rec_loss
         return result
