@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets, load_preset, resolve_path
+from .config import CONTEXT_SOURCES, PRESET_DIR, REPETITION_SCOPES, list_presets, load_preset, resolve_path
 from .story import StoryError
 
 
@@ -145,14 +145,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    if not list_presets():
+        print(f"no presets under {PRESET_DIR}: run from a clone of the seedstory repository, or set SEEDSTORY_HOME "
+              "to one; any model folder works with --preset PATH", file=sys.stderr)
+        return 1
     for name in list_presets():
         cfg = load_preset(name)
         print(f"{name:22s} {cfg.get('source', 'random'):10s} {cfg.get('description', '')}")
     return 0
 
 
+def program_name() -> str:
+    """``seedstory`` when run as the installed command, ``python -m seedstory`` otherwise."""
+    return "seedstory" if os.path.basename(sys.argv[0]) == "seedstory" else "python -m seedstory"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m seedstory", description="SEED-Story: multimodal long stories")
+    parser = argparse.ArgumentParser(prog=program_name(), description="SEED-Story: multimodal long stories")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="tell a story from a picture and an opening text")

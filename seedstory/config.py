@@ -13,7 +13,18 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _project_root() -> str:
+    """The folder holding ``configs/`` and ``assets/`` (the presets, the demo model): ``$SEEDSTORY_HOME`` when set,
+    else the clone this package lives in (also under ``pip install -e .``), else the current folder (a
+    ``pip install .`` used from inside a clone)."""
+    if os.environ.get("SEEDSTORY_HOME"):
+        return os.path.abspath(os.environ["SEEDSTORY_HOME"])
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return here if os.path.isdir(os.path.join(here, "configs", "presets")) else os.getcwd()
+
+
+REPO_ROOT = _project_root()
 PRESET_DIR = os.path.join(REPO_ROOT, "configs", "presets")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
