@@ -4,10 +4,10 @@ import sys
 from .quiet import quiet_libraries
 from .threads import passive_openmp
 
+passive_openmp()  # on import, before anything imports torch: idle OpenMP threads sleep
+
 
 def entry() -> int:
-    # before torch is imported: idle OpenMP threads sleep, and libraries say only what the user needs
-    passive_openmp()
     quiet_libraries()
     from .cli import main
 

@@ -23,7 +23,11 @@ def test_the_one_liners_install_a_cpu_torch_then_only_what_each_needs():
     assert test == f"{torch_line} && pip install -r requirements-dev.txt && pytest"
     ci = read(".ci/run")
     assert f"pip install -q {torch_line.split('pip install ')[1]}" in ci and "pip install -q -r requirements-dev.txt" in ci
-    app_needs, dev = requirement_names(read("requirements.txt")), read("requirements-dev.txt")
-    assert "-r requirements.txt" in dev
+    app_needs = requirement_names(read("requirements.txt"))
+    # the dev install is the package itself (whose requirements are requirements.txt) with its test and train extras
+    assert read("requirements-dev.txt").splitlines()[-1] == "-e .[test,train]"
+    pyproject = read("pyproject.toml")
+    assert 'dependencies = { file = ["requirements.txt"] }' in pyproject
+    extras = re.search(r"\[project.optional-dependencies\](.*?)\n\[", pyproject, re.S).group(1)
     assert not app_needs & {"pytest", "playwright", "tensorboard"}  # the app (and a Space) installs no test tools
-    assert {"pytest", "playwright", "tensorboard"} <= requirement_names(dev)
+    assert {"pytest", "playwright", "tensorboard"} <= {re.split(r"[<>=\[ ]", name)[0] for name in re.findall(r'"([^"]+)"', extras)}
