@@ -127,7 +127,7 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     pipe.settings.num_inference_steps = 2
     engine = StoryEngine(pipe)
     opening = os.path.join(REPO_ROOT, "assets", "examples", "world_beach.png")
-    tree = engine.start(opening, "It is a bright day on the beach. Moss stands on the left with the kite.")
+    tree = engine.start(opening, "It is a bright day on the beach. Bodo stands on the left with the apple.")
     frame = engine.step(tree)
     assert frame.image.size == (128, 128)  # the demo configs' frame size
 

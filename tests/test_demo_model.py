@@ -30,8 +30,8 @@ def test_the_demo_model_continues_a_world_story():
     assert pipe.device.type == "cpu"
     engine = StoryEngine(pipe)
     opening = os.path.join(REPO_ROOT, "assets", "examples", "world_beach.png")
-    tree = engine.start(opening, "It is a bright day on the beach. Moss stands on the left with the kite. "
-                                 "Lulu is on the right.")
+    tree = engine.start(opening, "It is a bright day on the beach. Bodo stands on the left with the apple. "
+                                 "Tansy stands on the right with the bucket.")
     frames = [engine.step(tree) for _ in range(2)]
     for f in frames:
         assert f.image is not None and f.image.size == (128, 128)

@@ -27,27 +27,28 @@ def test_the_worlds_own_stories_are_possible_and_tracked_exactly(seed):
             assert _scene(state) == _truth_scene(story["truth"][k]), (story["id"], k, caption)
 
 
-OPENING = ("It is a bright day in the meadow. Pim is on the left, holding the apple. Bodo stands in the centre. "
-           "A kite lies on the right.")
+OPENING = ("It is a bright day in the meadow. Pim is on the left, holding the apple. Bodo stands on the right. "
+           "A kite lies on the left.")
 
 
 @pytest.mark.parametrize("caption, why", [
     ("Wex leaves.", "Wex is not there"),
-    ("Lulu waves at Tansy.", "Lulu and Tansy are not there"),
-    ("Pim waves at Moss.", "Moss is not there"),
+    ("Wex waves at Tansy.", "Wex and Tansy are not there"),
+    ("Pim waves at Tansy.", "Tansy is not there"),
     ("Bodo arrives on the right.", "Bodo is already there"),
     ("Wex arrives on the left.", "Pim already stands on the left"),
-    ("Wex arrives on the right with the apple.", "Wex cannot bring the apple: Pim holds it"),
-    ("Bodo picks up the kite.", "no kite lies in the centre (it lies on the right)"),
-    ("Pim walks to the right and picks up the kite.", "Pim already holds the apple"),
+    ("Bodo leaves. Wex arrives on the right with the apple.", "Wex cannot bring the apple: Pim holds it"),
+    ("Bodo picks up the kite.", "no kite lies on the right (it lies on the left)"),
+    ("Pim picks up the kite.", "Pim already holds the apple"),
     ("Bodo gives the apple to Pim.", "Bodo holds nothing, not the apple"),
     ("Pim gives the apple to Bodo. Bodo drops the apple.", None),  # possible: Bodo holds it after the first
     ("Bodo moves to the left.", "Pim already stands on the left"),
-    ("Bodo walks to the centre.", "Bodo is already in the centre"),
+    ("Bodo walks to the right.", "Bodo is already on the right"),
     ("Bodo reads the book.", "Bodo holds nothing, not the book"),
     ("Pim leaves with the kite.", "Pim holds the apple, not the kite"),
     ("Pim and Bodo go to the meadow.", "the story is already in the meadow"),
-    ("Bodo walks to the right and picks up the kite.", None),
+    ("Pim drops the apple.", "the kite already lies on the left"),
+    ("Pim leaves. Bodo walks to the left and picks up the kite.", None),
 ])
 def test_impossible_captions_are_named(caption, why):
     state = StoryState.opening(OPENING)
@@ -56,13 +57,13 @@ def test_impossible_captions_are_named(caption, why):
 
 def test_whoever_travel_does_not_name_stays_behind_and_places_remember_their_props():
     state = StoryState.opening(OPENING)
-    assert state.read("Pim travels to the beach. A book lies in the centre.") == []
+    assert state.read("Pim travels to the beach. A book lies on the right.") == []
     assert set(state.present) == {"Pim"} and state.away == {"Bodo": None}
     assert state.read("Bodo waves.") == ["Bodo is not there"]
     assert state.read("Pim drops the apple. Bodo arrives on the right.") == []
-    assert state.read("Together, Pim and Bodo walk to the meadow. A kite lies on the right.") == []
+    assert state.read("Together, Pim and Bodo walk to the meadow. A kite lies on the left.") == []
     # each place remembers what lies there: the meadow's kite, the beach's book
-    assert state.read("Pim and Bodo go to the beach. A kite lies in the centre.") == ["no kite lies in the centre"]
+    assert state.read("Pim and Bodo go to the beach. A kite lies on the left.") == ["no kite lies on the left"]
     fresh = StoryState.opening(OPENING)
     assert fresh.read("Pim and Bodo go to the beach. There is a book on the left.") == []
     assert fresh.read("Pim and Bodo travel to the meadow. A book lies on the right.") == ["no book lies on the right"]

@@ -489,12 +489,10 @@ def _rgb(name: str) -> tuple:
 
 def _edge(shape: str, t: float) -> float:
     """Half-width of a body at relative height t (0 = top, 1 = bottom), in body widths."""
-    if shape in ("round", "bean"):
+    if shape == "round":
         return 0.5 * math.sqrt(max(0.0, 1 - (2 * t - 1) ** 2))
     if shape == "cone":
         return 0.5 * t
-    if shape == "dome":
-        return 0.5 * math.sqrt(max(0.0, 1 - (1 - t) ** 2))
     return 0.5
 
 
@@ -547,12 +545,6 @@ def _draw_background(c: _Canvas, setting: str) -> None:
         for x in (0.12, 0.45, 0.72):
             c.line([(x, 0.54), (x + 0.04, 0.525), (x + 0.08, 0.54)], _rgb("white"), 1.0)
         c.d.rectangle(c.xy(0, H, 1, 1), fill=ground)
-    elif setting == "forest":
-        c.d.rectangle(c.xy(0, H, 1, 1), fill=ground)
-        for x in (0.0, 0.335, 0.665, 1.0):
-            c.rect(x - 0.015, 0.5, x + 0.015, 0.62, _rgb("trunk"))
-            for y0, half in ((0.16, 0.06), (0.26, 0.08), (0.36, 0.1)):
-                c.poly([(x, y0), (x + half, y0 + 0.16), (x - half, y0 + 0.16)], _rgb("pine"))
     elif setting == "snowy hill":
         c.poly([(0.0, H), (0.2, 0.26), (0.38, 0.45), (0.55, 0.18), (0.75, 0.42), (0.9, 0.3), (1.0, 0.4), (1.0, H)],
                _rgb("mountain"))
@@ -560,14 +552,6 @@ def _draw_background(c: _Canvas, setting: str) -> None:
             c.poly([(px, py), (px + 0.05, py + 0.07), (px - 0.05, py + 0.07)], _rgb("snow"), outline=None)
         c.d.rectangle(c.xy(0, H, 1, 1), fill=ground)
         c.line([(0, H), (1, H)], W.OUTLINE, 1.0)
-    elif setting == "village":
-        c.d.rectangle(c.xy(0, H, 1, 1), fill=ground)
-        for x in (0.335, 0.665):
-            c.rect(x - 0.1, 0.36, x + 0.1, 0.6, _rgb("wall"))
-            c.poly([(x - 0.12, 0.37), (x, 0.24), (x + 0.12, 0.37)], _rgb("roof"))
-            c.rect(x - 0.03, 0.47, x + 0.03, 0.6, _rgb("door"))
-            c.rect(x - 0.085, 0.41, x - 0.045, 0.45, _rgb("door"))
-            c.rect(x + 0.045, 0.41, x + 0.085, 0.45, _rgb("door"))
     elif setting == "cave":
         c.d.rectangle(c.xy(0, H, 1, 1), fill=ground)
         for x, length in ((0.08, 0.14), (0.25, 0.08), (0.42, 0.16), (0.6, 0.1), (0.78, 0.15), (0.95, 0.09)):
@@ -641,7 +625,7 @@ def _draw_character(c: _Canvas, name: str, position: str, holding: Optional[str]
         ex = cx - _edge(shape, t) * w  # the left arm, raised over the head's left side
         hx, hy = x0 + 0.02, y0 - 0.06
         c.line([(ex, y0 + t * h), (hx, hy)], W.OUTLINE, 2.2)
-    if shape in ("round", "bean"):
+    if shape == "round":
         c.ellipse(cx, (y0 + y1) / 2, w / 2, h / 2, body)
     elif shape == "box":
         c.rect(x0, y0, x1, y1, body, radius=0.02)
@@ -649,8 +633,6 @@ def _draw_character(c: _Canvas, name: str, position: str, holding: Optional[str]
         c.poly([(cx, y0), (x1, y1), (x0, y1)], body)
     elif shape == "pillar":
         c.rect(x0, y0, x1, y1, body, radius=w / 2 * 0.9, corners=(True, True, False, False))
-    elif shape == "dome":
-        c.d.chord(c.xy(x0, y1 - h, x1, y1 + h), 180, 360, fill=body, outline=W.OUTLINE, width=c.ow)
     if action == "jumps":
         for dx in (-0.05, 0.0, 0.05):
             c.line([(cx + dx, FEET_Y - JUMP + 0.025), (cx + dx, FEET_Y - 0.005)], W.OUTLINE, 1.0)
@@ -664,15 +646,7 @@ def _draw_character(c: _Canvas, name: str, position: str, holding: Optional[str]
         c.rect(ax0, ay0, ax1, ay1, _rgb("black"))
         c.rect(x0 + 0.08 * w, ay1 - 0.008, x1 - 0.08 * w, ay1 + 0.012, _rgb("black"))
     elif acc == "pom-pom":
-        c.ellipse(cx, y0 - 0.02, 0.038, 0.038, _rgb("white"))
-    elif acc == "bow":
-        kx, ky = (ax0 + ax1) / 2, (ay0 + ay1) / 2
-        c.poly([(kx, ky), (kx - 0.05, ky - 0.04), (kx - 0.05, ky + 0.04)], _rgb("navy"))
-        c.poly([(kx, ky), (kx + 0.05, ky - 0.04), (kx + 0.05, ky + 0.04)], _rgb("navy"))
-        c.ellipse(kx, ky, 0.016, 0.016, _rgb("navy"))
-    elif acc == "boots":
-        for bx0, bx1 in ((0.1, 0.42), (0.58, 0.9)):
-            c.rect(x0 + bx0 * w, y1 - 0.006, x0 + bx1 * w, y1 + 0.03, _rgb("teal"), radius=0.01)
+        c.ellipse(cx, y0 - 0.03, 0.057, 0.057, _rgb("white"))
     # face
     ey = y0 + shp["eye_y"] * h
     for sx in (cx - shp["eye_dx"], cx + shp["eye_dx"]):
@@ -744,7 +718,7 @@ def _shape_mask(shape: str, box: tuple, n: int) -> np.ndarray:
     d = ImageDraw.Draw(im)
     x0, y0, x1, y1 = (v * q for v in box)
     w, h = x1 - x0, y1 - y0
-    if shape in ("round", "bean"):
+    if shape == "round":
         d.ellipse((x0, y0, x1, y1), fill=255)
     elif shape == "box":
         d.rounded_rectangle((x0, y0, x1, y1), radius=0.1 * w, fill=255)
@@ -752,8 +726,6 @@ def _shape_mask(shape: str, box: tuple, n: int) -> np.ndarray:
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
     elif shape == "pillar":
         d.rounded_rectangle((x0, y0, x1, y1), radius=0.45 * w, fill=255, corners=(True, True, False, False))
-    elif shape == "dome":
-        d.chord((x0, y0, x1, y1 + h), 180, 360, fill=255)
     else:
         raise ValueError(shape)
     return np.asarray(im.reduce(q)) >= 128

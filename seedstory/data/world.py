@@ -7,7 +7,7 @@ Visual language (all coordinates are fractions of the square frame):
   ground colour and one or two landmarks drawn between them. The top band (y < ``SKY_BAND``) is always pure
   sky and the bottom band (y > ``GROUND_BAND``) is ground except for props lying there: a setting is
   recognized from those two bands;
-* at most three characters stand at three fixed positions (left / centre / right, ``POSITIONS``) with
+* at most two characters stand at two fixed positions (left / right, ``POSITIONS``) with
   their feet on ``FEET_Y``; a character's signature is (body shape, body colour, accessory), all unique;
 * a held prop is drawn in front of its holder's belly; a prop on the ground lies at a position's feet;
 * every colour a detector has to find (bodies, props) is far from every other colour of the world.
@@ -17,20 +17,20 @@ from __future__ import annotations
 import math
 
 # ---------------------------------------------------------------------------------------------- layout
-POSITIONS = ("left", "centre", "right")
-SLOT_X = {"left": 0.17, "centre": 0.5, "right": 0.83}
+POSITIONS = ("left", "right")
+SLOT_X = {"left": 0.27, "right": 0.73}
 HORIZON = 0.6          # sky above, ground below
-FEET_Y = 0.86          # bottom of every body (Moss's boots end there)
+FEET_Y = 0.86          # bottom of every body
 SKY_BAND = 0.1         # y < SKY_BAND: pure sky
 GROUND_BAND = 0.9      # y > GROUND_BAND: ground (and props lying on it)
 JUMP = 0.06            # how far a jumping character is lifted
-PROP_SIZE = 0.1
-HELD_DY = 0.06         # held prop centre: FEET_Y - HELD_DY (raised further by reading / jumping)
+PROP_SIZE = 0.14
+HELD_DY = 0.08         # held prop centre: FEET_Y - HELD_DY (raised further by reading / jumping)
 GROUND_PROP_Y = 0.925  # centre of a prop lying on the ground
 # Detection regions, relative to a position's x (dx0, dx1) and absolute in y.
-BODY_REGION = (-0.16, 0.16, 0.40, 0.87)
-HELD_REGION = (-0.035, 0.035, 0.68, 0.87)
-GROUND_REGION = (-0.06, 0.06, 0.87, 0.99)
+BODY_REGION = (-0.23, 0.23, 0.28, 0.87)
+HELD_REGION = (-0.05, 0.05, 0.66, 0.88)
+GROUND_REGION = (-0.08, 0.08, 0.87, 0.99)
 
 OUTLINE = (30, 30, 35)
 EYE_WHITE = (250, 250, 250)
@@ -39,14 +39,12 @@ PUPIL = OUTLINE
 # --------------------------------------------------------------------------------------------- cast
 # Body boxes (w, h) as fractions of the frame; eyes at ``eye_y`` of the body height from its top.
 SHAPES = {
-    "round": {"w": 0.24, "h": 0.24, "eye_y": 0.30, "eye_dx": 0.045, "words": "round"},
-    "box": {"w": 0.21, "h": 0.21, "eye_y": 0.30, "eye_dx": 0.045, "words": "square"},
-    "cone": {"w": 0.24, "h": 0.28, "eye_y": 0.52, "eye_dx": 0.038, "words": "cone-shaped"},
-    "pillar": {"w": 0.15, "h": 0.30, "eye_y": 0.22, "eye_dx": 0.035, "words": "tall"},
-    "bean": {"w": 0.27, "h": 0.17, "eye_y": 0.30, "eye_dx": 0.05, "words": "wide bean-shaped"},
-    "dome": {"w": 0.27, "h": 0.19, "eye_y": 0.40, "eye_dx": 0.05, "words": "dome-shaped"},
+    "round": {"w": 0.36, "h": 0.36, "eye_y": 0.30, "eye_dx": 0.068, "words": "round"},
+    "box": {"w": 0.32, "h": 0.32, "eye_y": 0.30, "eye_dx": 0.068, "words": "square"},
+    "cone": {"w": 0.36, "h": 0.42, "eye_y": 0.52, "eye_dx": 0.057, "words": "cone-shaped"},
+    "pillar": {"w": 0.23, "h": 0.45, "eye_y": 0.22, "eye_dx": 0.052, "words": "tall"},
 }
-FILL = {"round": math.pi / 4, "box": 0.97, "cone": 0.5, "pillar": 0.93, "bean": math.pi / 4, "dome": math.pi / 4}
+FILL = {"round": math.pi / 4, "box": 0.97, "cone": 0.5, "pillar": 0.93}
 
 # Accessory boxes are relative to the body box: (x0, y0, x1, y1) with x in body widths from the body's
 # left edge and y in body heights from its top (negative = above the body).
@@ -55,8 +53,6 @@ ACCESSORIES = {
     "top hat": {"colour": "black", "words": "a black top hat", "box": (0.2, -0.45, 0.8, -0.05)},
     "pom-pom": {"colour": "white", "words": "a white pom-pom", "box": (0.35, -0.25, 0.65, 0.05)},
     "backpack": {"colour": "brown", "words": "a brown backpack", "box": (-0.28, 0.35, -0.02, 0.7)},
-    "bow": {"colour": "navy", "words": "a navy bow", "box": (0.53, -0.3, 0.9, 0.15)},
-    "boots": {"colour": "teal", "words": "teal boots", "box": (0.1, 1.02, 0.9, 1.12)},
 }
 
 CAST = [
@@ -64,8 +60,6 @@ CAST = [
     {"name": "Bodo", "shape": "box", "colour": "blue", "accessory": "top hat"},
     {"name": "Tansy", "shape": "cone", "colour": "orange", "accessory": "pom-pom"},
     {"name": "Wex", "shape": "pillar", "colour": "purple", "accessory": "backpack"},
-    {"name": "Lulu", "shape": "bean", "colour": "pink", "accessory": "bow"},
-    {"name": "Moss", "shape": "dome", "colour": "yellow", "accessory": "boots", "raise": 0.03},
 ]
 CHARACTERS = [c["name"] for c in CAST]
 BY_NAME = {c["name"]: c for c in CAST}
@@ -86,12 +80,8 @@ SETTINGS = {
                "scenery": ["hill", "trunk", "crown"]},
     "beach": {"prep": "on", "sky": "beach sky", "ground": "sand", "landmarks": ["the sun", "the sea"],
               "scenery": ["sun", "sea"]},
-    "forest": {"prep": "in", "sky": "forest sky", "ground": "forest floor", "landmarks": ["pine trees"],
-               "scenery": ["pine", "trunk"]},
     "snowy hill": {"prep": "on", "sky": "winter sky", "ground": "snow", "landmarks": ["mountains"],
                    "scenery": ["mountain"]},
-    "village": {"prep": "in", "sky": "village sky", "ground": "cobbles", "landmarks": ["houses"],
-                "scenery": ["wall", "roof", "door"]},
     "cave": {"prep": "in", "sky": "cave dark", "ground": "cave floor", "landmarks": ["stalactites", "crystals"],
              "scenery": ["rock", "crystal"]},
 }
@@ -100,8 +90,8 @@ SETTING_NAMES = list(SETTINGS)
 # --------------------------------------------------------------------------------------------- colours
 COLOURS = {
     # bodies
-    "red": (225, 45, 45), "orange": (250, 145, 25), "yellow": (250, 220, 40), "blue": (45, 95, 230),
-    "purple": (145, 65, 205), "pink": (250, 135, 205),
+    "red": (225, 45, 45), "orange": (250, 145, 25), "blue": (45, 95, 230),
+    "purple": (145, 65, 205),
     # props
     "lime": (140, 225, 40), "maroon": (140, 20, 75), "cyan": (70, 215, 235), "magenta": (205, 30, 160),
     "navy": (35, 45, 140),
@@ -112,10 +102,7 @@ COLOURS = {
     "meadow sky": (150, 205, 245), "grass": (95, 175, 70), "hill": (130, 200, 110), "trunk": (115, 80, 50),
     "crown": (50, 130, 60),
     "beach sky": (200, 235, 250), "sand": (240, 220, 150), "sea": (30, 150, 195), "sun": (255, 230, 110),
-    "forest sky": (215, 235, 205), "forest floor": (55, 115, 60), "pine": (25, 80, 45),
     "winter sky": (185, 195, 225), "snow": (222, 232, 246), "mountain": (150, 160, 185),
-    "village sky": (250, 232, 195), "cobbles": (170, 165, 160), "wall": (235, 210, 170), "roof": (105, 110, 145),
-    "door": (70, 50, 45),
     "cave dark": (45, 38, 62), "cave floor": (92, 80, 105), "rock": (70, 62, 85), "crystal": (195, 175, 255),
 }
 
@@ -126,8 +113,8 @@ ACTIONS = ("waves", "jumps", "sleeps", "sings", "reads")
 # A caption is one or more sentences, each one of these templates. Slots:
 #   {c} {c2}  a character name            {cs}  two or more names: "A and B", "A, B and C"
 #   {p}       a prop name (after "the")   {ap} / {AP}  "a"/"an" + prop name (capitalized article)
-#   {at}      "on the left" | "in the centre" | "on the right"
-#   {to}      "left" | "centre" | "right" (after "the")
+#   {at}      "on the left" | "on the right"
+#   {to}      "left" | "right" (after "the")
 #   {s}       a setting name (after "the") {in_s}  the setting with its preposition: "on the beach"
 # Every template is tied to an event; what a sentence states holds in the frame it captions.
 TEMPLATES = {
@@ -154,10 +141,10 @@ TEMPLATES = {
     "travel": ["{c} goes to the {s}.", "{c} travels to the {s}.", "{c} walks all the way to the {s}."],
     "travel_group": ["{cs} go to the {s}.", "{cs} travel to the {s}.", "Together, {cs} walk to the {s}."],
 }
-AT_PHRASE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+AT_PHRASE = {"left": "on the left", "right": "on the right"}
 
 # --------------------------------------------------------------------------------------------- stories
-OPENING_CAST = {1: 2, 2: 3, 3: 2}  # characters in an opening scene: relative weights
+OPENING_CAST = {1: 2, 2: 3}  # characters in an opening scene: relative weights
 GROUND_PROPS = [0, 1, 1, 2]        # props lying in a place when the story first gets there: drawn uniformly
 
 
