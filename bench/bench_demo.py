@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--text-only", action="store_true",
-                   help="paint 1-step drafts: minutes instead of half an hour, for decoding settings (the text never "
-                        "depends on the pictures: the agent feeds back its own predicted features)")
+                   help="paint 1-step drafts: minutes instead of half an hour, for decoding settings (the text is "
+                        "written with context_from=features, so it never depends on the drafts)")
     p.add_argument("--fresh", action="store_true",
                    help="delete the stories already in --out first (otherwise an interrupted run of the same settings "
                         "continues, and a folder holding another run's stories is refused)")
@@ -136,8 +136,9 @@ def main(argv=None) -> int:
             write_dataset(world_dir, stories=args.stories, frames=1, size=128, seed=args.world_seed, val_fraction=1.0,
                           workers=1, progress=False)
         args.val, args.images = os.path.join(world_dir, "val.jsonl"), os.path.join(world_dir, "images")
-    if args.text_only:
-        args.overrides += ["generation.num_inference_steps=1", "generation.guidance_scale=1"]
+    if args.text_only:  # a draft read back into the context would change the text: the agent's features go in
+        args.overrides += ["generation.num_inference_steps=1", "generation.guidance_scale=1",
+                           "generation.context_from=features"]
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isfile(args.val):

@@ -32,6 +32,8 @@ def test_text_only_paints_drafts_and_says_so(tmp_path, capsys):
     made = tree.path(tree.current)[1:]
     assert len(made) == 2
     assert all(f.settings["num_inference_steps"] == 1 and f.settings["guidance_scale"] == 1 for f in made)
+    # the text comes from the agent's own features, never from a draft read back (the demo reads its pictures)
+    assert all(f.settings["context_from"] == "features" for f in made)
     assert all(f.settings["repetition_scope"] == "word_starts" for f in made)  # otherwise the demo preset's own
 
 
