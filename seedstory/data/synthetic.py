@@ -598,7 +598,7 @@ def _body_box(name: str, position: str, lift: float) -> tuple[float, float, floa
     ch = BY_NAME[name]
     shp = SHAPES[ch["shape"]]
     cx = SLOT_X[position]
-    bottom = FEET_Y - lift - ch.get("raise", 0.0)
+    bottom = FEET_Y - lift
     return cx - shp["w"] / 2, bottom - shp["h"], cx + shp["w"] / 2, bottom
 
 
@@ -768,7 +768,7 @@ def _fit(body: np.ndarray, covering: np.ndarray, world: dict, ch: dict, x: float
     free = ~covering
     best = (0.0, None)
     for lift in (0.0, lay["jump"]):
-        bottom = lay["feet_y"] - lift - ch.get("raise", 0.0)
+        bottom = lay["feet_y"] - lift
         for dx in SHIFTS:
             for dy in SHIFTS:
                 inside, outside, box = _placed(ch["shape"], shp["w"], shp["h"], x, bottom, n, dx, dy, r)

@@ -172,7 +172,7 @@ def world_dict() -> dict:
         "colours": {k: list(v) for k, v in COLOURS.items()},
         "shapes": {k: dict(v, fill=FILL[k]) for k, v in SHAPES.items()},
         "accessories": {k: dict(v, box=list(v["box"]), rgb=list(COLOURS[v["colour"]])) for k, v in ACCESSORIES.items()},
-        "cast": [{**c, "raise": c.get("raise", 0.0), "rgb": list(COLOURS[c["colour"]]),
+        "cast": [{**c, "rgb": list(COLOURS[c["colour"]]),
                   "description": describe_character(c)} for c in CAST],
         "props": {k: dict(v, rgb=list(COLOURS[v["colour"]])) for k, v in PROPS.items()},
         "settings": {k: dict(v, scenery=[v["sky"], v["ground"]] + v["scenery"], sky_rgb=list(COLOURS[v["sky"]]),
