@@ -227,6 +227,26 @@ def test_text_only_samples_read_no_picture_and_keep_the_layout(dataset_files, wo
         StorySampleDataset(*dataset_files, pf, ImageProcessor(14), text_only=True, target_image_resolution=16)
 
 
+def test_opening_share_starts_windows_at_the_story_opening(dataset_files, word_tokenizer):
+    pf = PromptFormat(word_tokenizer, 4)
+    opening = word_tokenizer.encode("a cat", add_special_tokens=False)
+
+    def starts(share, epochs=4):
+        ds = StorySampleDataset(*dataset_files, pf, ImageProcessor(14), max_length=200, seed=3, opening_share=share)
+        found = []
+        for epoch in range(epochs):
+            ds.set_epoch(epoch)
+            found += [s["input_ids"].tolist()[1 : 1 + len(opening)] == opening for s in ds]
+        return found
+
+    assert all(starts(1.0))  # every window is the story so far, from its opening
+    mid = starts(0.0)
+    assert not all(mid) and any(mid)  # the release's sampling: mostly mid-story windows
+    assert sum(starts(0.5)) > sum(mid)
+    with pytest.raises(ValueError, match="opening_share"):
+        StorySampleDataset(*dataset_files, pf, ImageProcessor(14), opening_share=1.5)
+
+
 def test_two_workers_read_every_story_once_and_the_order_is_seeded(dataset_files, word_tokenizer):
     pf = PromptFormat(word_tokenizer, 4)
 

@@ -58,7 +58,7 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
         seed=int(cfg.train.get("seed", 0)), shuffle_buffer=int(d.get("shuffle_buffer", 256)),
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         target_image_resolution=target_image_resolution, label_context=bool(d.get("label_context", False)),
-        text_only=bool(d.get("text_only", False)),
+        text_only=bool(d.get("text_only", False)), opening_share=float(d.get("opening_share", 0.0)),
     )
     pad_id = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.prompt.eos_id
     return DataLoader(dataset, batch_size=int(cfg.train.batch_size), num_workers=int(d.get("num_workers", 0)),

@@ -120,6 +120,11 @@ class StorySampleDataset(_JsonlStream):
     """Stage-2 samples: a random number of given frames (``min_given`` .. all but the target) before a random
     target frame, within ``max_frames`` consecutive frames.
 
+    Such a window mostly starts in the middle of a story, where its first caption ("Tansy waves at Bodo.") does
+    not say who is there. ``opening_share`` of the samples instead start at the story's opening, which does
+    (the story so far, up to a random target): without them an agent never learns to read an opening, and
+    the engine always starts a story from one.
+
     Length policy: a sample longer than ``max_length`` tokens is never truncated (that could cut an image slot
     in half); its earliest context frames are dropped one by one until it fits, and the story is skipped
     (counted in ``skipped['too long']``) when even ``min_given`` frames do not fit.
@@ -131,8 +136,11 @@ class StorySampleDataset(_JsonlStream):
                  max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
                  target_image_resolution: Optional[int] = None, label_context: bool = False,
-                 text_only: bool = False):
+                 text_only: bool = False, opening_share: float = 0.0):
         super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
+        if not 0.0 <= float(opening_share) <= 1.0:
+            raise ValueError(f"opening_share must be between 0 and 1, not {opening_share}")
+        self.opening_share = float(opening_share)
         self.prompt, self.image_processor = prompt, image_processor
         self.label_context, self.text_only = bool(label_context), bool(text_only)
         if self.text_only and target_image_resolution:
@@ -150,8 +158,12 @@ class StorySampleDataset(_JsonlStream):
         if span < self.min_given + 2:
             self.skipped["too short"] += 1
             return None
-        num_given = rng.randint(self.min_given, span - 2)
-        target = rng.randint(num_given + 1, n - 1)
+        if self.opening_share and rng.random() < self.opening_share:
+            target = rng.randint(self.min_given + 1, span - 1)  # the window: the opening .. target
+            num_given = target - 1
+        else:
+            num_given = rng.randint(self.min_given, span - 2)
+            target = rng.randint(num_given + 1, n - 1)
         while num_given >= self.min_given:
             first = target - num_given - 1
             window = [str(c) for c in captions[first: target + 1]]
