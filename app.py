@@ -9,7 +9,6 @@ import argparse
 import functools
 import inspect
 import os
-import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +22,7 @@ quiet_libraries()
 import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
+from seedstory.atomic import write_file  # noqa: E402
 from seedstory.cli import default_preset  # noqa: E402
 from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
@@ -76,10 +76,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             return None
         path = os.path.join(session.workdir, f"frame-{session.tree.uid}-{frame.id}.png")
         if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=session.workdir, suffix=".png.tmp")
-            with os.fdopen(fd, "wb") as f:
-                frame.image.save(f, format="PNG")
-            os.replace(tmp, path)
+            write_file(path, lambda f: frame.image.save(f, format="PNG"))
         return path
 
     def render(session, message="", changed=True):

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 from PIL import Image
 
+from .atomic import write_text
 from .config import GenerationSettings
 from .doctor import report_for_preset
 from .engine import StoryEngine
@@ -467,11 +468,7 @@ def browser_secret() -> str:
         return os.environ["SEEDSTORY_BROWSER_SECRET"]
     path = os.path.join(autosave_dir(), ".browser-secret")
     if not os.path.isfile(path):
-        os.makedirs(autosave_dir(), exist_ok=True)
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(uuid.uuid4().hex + uuid.uuid4().hex)
-        os.replace(path + ".tmp", path)
+        write_text(path, uuid.uuid4().hex + uuid.uuid4().hex, private=True)
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
 

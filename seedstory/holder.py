@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 
-from .config import load_preset
 from .engine import KVStore, StoryEngine
 from .pipeline import SeedStoryPipeline
 

@@ -3,7 +3,9 @@ import stat
 
 import pytest
 
-from seedstory.atomic import write_dir, write_file
+import json
+
+from seedstory.atomic import write_dir, write_file, write_json, write_path, write_text
 
 
 @pytest.fixture
@@ -47,3 +49,46 @@ def test_a_test_run_writes_its_temp_files_where_pytest_cleans_up(tmp_path_factor
     base = str(tmp_path_factory.getbasetemp())
     assert tempfile.gettempdir().startswith(base) and os.environ["TMPDIR"] == tempfile.gettempdir()
     assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+
+
+def test_path_writers_secrets_and_json_share_the_one_writer(tmp_path, umask_022):
+    import torch
+
+    t = write_path(str(tmp_path / "w" / "weights.pt"), lambda tmp: torch.save({"x": torch.ones(2)}, tmp))
+    assert torch.load(t)["x"].tolist() == [1.0, 1.0] and mode(t) == 0o644
+    secret = write_text(str(tmp_path / ".secret"), "k3y", private=True)
+    assert open(secret).read() == "k3y" and mode(secret) == 0o600
+    j = write_json(str(tmp_path / "result.json"), {"name": "Tänsy"}, indent=1)
+    assert json.load(open(j, encoding="utf-8")) == {"name": "Tänsy"} and "Tänsy" in open(j, encoding="utf-8").read()
+    with pytest.raises(OSError):
+        write_path(t, lambda tmp: (_ for _ in ()).throw(OSError("disk full")))
+    assert torch.load(t)["x"].tolist() == [1.0, 1.0] and sorted(os.listdir(tmp_path / "w")) == ["weights.pt"]
+
+
+def test_an_interrupted_export_keeps_the_last_final_model(tmp_path):
+    """``training.common.export`` replaces ``final/`` atomically: a save that fails half-way (disk full, Ctrl-C)
+    leaves the previous export whole, where it used to have deleted it first."""
+    from training.common import export
+
+    class Accelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def print(self, *a):
+            pass
+
+    class Pipe:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_pretrained(self, path):
+            open(os.path.join(path, "seedstory.json"), "w").write('{"v": %d}' % (2 if self.fail else 1))
+            if self.fail:
+                raise KeyboardInterrupt
+
+    final = export(Accelerator(), Pipe(False), str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        export(Accelerator(), Pipe(True), str(tmp_path))
+    assert json.load(open(os.path.join(final, "seedstory.json"))) == {"v": 1} and os.listdir(tmp_path) == ["final"]

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from seedstory.atomic import write_dir
 from seedstory.config import resolve_path
 from seedstory.pipeline import SeedStoryPipeline
 
@@ -216,12 +217,7 @@ def export(accelerator, pipe: SeedStoryPipeline, out_dir: str) -> Optional[str]:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    path = os.path.join(out_dir, "final")
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    path = write_dir(os.path.join(out_dir, "final"), pipe.save_pretrained)  # an interrupted export keeps the last one
     accelerator.print(f"exported {path}")
     return path
 

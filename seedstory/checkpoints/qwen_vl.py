@@ -10,12 +10,13 @@ parameter model is never in memory; only the 1.9 B-parameter ViT is. Nothing is 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Callable, Mapping, Optional, Union
 
 import torch
+
+from ..atomic import write_path
 
 from .release import (
     CheckpointError,
@@ -114,17 +115,6 @@ def _outputs(out: str, write_pt: bool) -> list[str]:
     return [os.path.join(out, OUT_NAME + ".safetensors")] + ([os.path.join(out, OUT_NAME + ".pt")] if write_pt else [])
 
 
-def _atomic_write(path: str, save: Callable[[str], None]) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def extract_qwen_vit(
     src: str,
     out: str,
@@ -216,9 +206,9 @@ def extract_qwen_vit(
             from safetensors.torch import save_file
 
             meta = {"format": "pt", "source": f"Qwen-VL-Chat {VISUAL_PREFIX}*", "written_by": "seedstory extract-vit"}
-            _atomic_write(target, lambda p: save_file(state, p, metadata=meta))
+            write_path(target, lambda p: save_file(state, p, metadata=meta))
         else:
-            _atomic_write(target, lambda p: torch.save(state, p))
+            write_path(target, lambda p: torch.save(state, p))
         written.append(target)
     return written
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from PIL import Image
+
+from ..atomic import write_file
 
 PROBLEMS = ("bad json", "not an object", "missing field", "length mismatch", "empty story", "duplicate id",
             "missing image", "unreadable image")
@@ -137,18 +138,7 @@ def validate(jsonl: str, image_root: Optional[str] = None, check_images: bool = 
 
 
 def _atomic_lines(out_path: str, lines: Iterator[str]) -> None:
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chunk-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_file(out_path, lambda f: f.writelines((line + "\n").encode("utf-8") for line in lines))
 
 
 def chunk_story(rec: dict, window: int = 10, stride: Optional[int] = None, min_frames: Optional[int] = None,

@@ -37,6 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
+from ..atomic import write_json
 from .client import ChatError, image_part, redact_url, text_part
 
 log = logging.getLogger("seedstory.eval")
@@ -314,11 +315,7 @@ def check_run_settings(out_dir: str, settings: dict) -> None:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, data, indent=1)
 
 
 # -- statistics ----------------------------------------------------------------------------------------

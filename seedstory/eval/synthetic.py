@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import write_json
 from ..data import synthetic as S
 from ..data import world as W
 from ..data.story_state import StoryState
@@ -576,11 +577,7 @@ def _print(result, as_json: bool, text: str) -> None:
 
 def _write(out: Optional[str], result) -> None:
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, out)
+        write_json(out, result)
 
 
 def add_arguments(sub) -> None:
