@@ -35,7 +35,6 @@ except ImportError:
     def gpu(fn):
         return fn
 
-SCHEDULERS = ["euler", "dpm++", "dpm++_karras", "euler_a", "ddim", "unipc"]
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
 
@@ -248,12 +247,15 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         return logic.model_report(holder)
 
     def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition=0.0, no_repeat=None, scope=None, candidates=0,
-                  context_from=None):
-        """All generation settings at once (0 or empty means the preset's default, for the seed too; -1 turns
-        ``no_repeat`` off)."""
-        return logic.UISettings(decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed or None,
-                                repetition or None, no_repeat, scope or None, candidates or None, context_from or None)
+                  mode="window", window=0, seed=None, repetition_penalty=0.0, no_repeat_captions=None,
+                  repetition_scope=None, candidates=0, context_from=None):
+        """All generation settings at once, in the order of ``settings`` below (0 or empty means the preset's
+        default; -1 turns ``no_repeat_captions`` off)."""
+        return logic.UISettings(
+            decoding=decoding, temperature=temperature, top_p=top_p, steps=steps, guidance=guidance,
+            scheduler=scheduler, mode=mode, window=window, seed=seed, repetition_penalty=repetition_penalty,
+            no_repeat_captions=no_repeat_captions, repetition_scope=repetition_scope, candidates=candidates,
+            context_from=context_from)
 
     # Gradio's copies of uploads and outputs older than an hour are deleted every hour.
     with gr.Blocks(title="SEED-Story", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -330,19 +332,19 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
                 guidance = gr.Slider(0.0, 15.0, value=0.0, step=0.5, label="Guidance (0: preset default)")
-                scheduler = gr.Dropdown(SCHEDULERS, value=None, label="Scheduler (empty: preset default)")
+                scheduler = gr.Dropdown(logic.SCHEDULERS, value=None, label="Scheduler (empty: preset default)")
                 candidates = gr.Slider(0, 8, value=0, step=1,
                                        label="Pictures painted per frame, the closest to the agent's features kept "
                                              "(0: preset default)")
             with gr.Row():
-                mode = gr.Radio(["window", "sink", "recompute"], value="window", label="Context")
+                mode = gr.Radio(logic.CONTEXT_MODES, value="window", label="Context")
                 window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
                 context_from = gr.Dropdown(list(CONTEXT_SOURCES), value=None,
                                            label="A new frame enters the context as the agent's features or its "
                                                  "painted picture read back (empty: preset default)")
         with gr.Accordion("Save, load, export", open=False):
             with gr.Row():
-                fmt = gr.Radio(["comic", "html", "pdf", "gif", "zip"], value="comic", label="Export format")
+                fmt = gr.Radio(list(logic.FORMATS), value="comic", label="Export format")
                 export_btn = gr.Button("Export the current branch")
                 save_btn = gr.Button("Save session")
             with gr.Row():

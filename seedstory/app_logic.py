@@ -19,15 +19,18 @@ from PIL import Image
 from .atomic import write_text
 from .config import GenerationSettings
 from .doctor import report_for_preset
-from .engine import StoryEngine
+from .engine import MODES, StoryEngine
 from .export import FORMATS, export_story, figures_html
 from .holder import ModelHolder
 from .image_processing import load_image
 from .storage import StoryFileError, load_story, save_story
+from .models.detokenizer import SCHEDULERS as _SCHEDULERS
 from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25
 MAX_STORY_FRAMES = 500  # frames in one visitor's story tree, all branches together (each holds a picture)
+SCHEDULERS = list(_SCHEDULERS)  # the de-tokenizer's samplers, by the names the settings take
+CONTEXT_MODES = sorted(MODES, key=lambda mode: mode != "window")  # the engine's modes, the app's default first
 # What "Regenerate" makes: (what the radio says, the value the app and its API take).
 PART_CHOICES = [("new text and picture", "both"), ("new text (its picture repainted with the frame's seed)", "text"),
                 ("new picture (same text)", "image")]
@@ -45,7 +48,7 @@ class UISettings:
     scheduler: Optional[str] = None
     mode: str = "window"  # window | sink | recompute
     window: Optional[int] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # None/0 = the preset's
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
     no_repeat_captions: Optional[int] = None  # -1 = off; None/empty/0 = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
@@ -69,7 +72,7 @@ class UISettings:
             num_inference_steps=int(self.steps) if self.steps else None,
             guidance_scale=float(self.guidance) if self.guidance else None,
             scheduler=self.scheduler or None, window=int(self.window) if self.window else None,
-            seed=int(self.seed) if self.seed not in (None, "") else None,
+            seed=int(self.seed) if self.seed else None,
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
             no_repeat_captions=self._no_repeat(),
             repetition_scope=self.repetition_scope or None,

@@ -515,6 +515,8 @@ def test_text_decoding_defaults_to_the_presets_own():
             assert getattr(logic.UISettings(**{name: held}).generation(base), name) == want, (name, held)
         with pytest.raises(Exception, match=message):
             logic.UISettings(**{name: bad}).generation(base)
+    seeded = base.replace(seed=42)
+    assert [logic.UISettings(seed=held).generation(seeded).seed for held in (None, 0, 7)] == [42, 42, 7]
 
 
 def test_a_story_is_never_continued_by_another_model(holder, ui, picture, tmp_path):
