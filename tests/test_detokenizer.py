@@ -164,14 +164,20 @@ def test_save_load_round_trip(detok, feats, tmp_path):
         Detokenizer.from_pretrained(str(tmp_path / "missing"))
 
 
-def test_fp16_decodes_vae_in_fp32(feats):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_vae_decodes_in_fp32_whatever_the_unet_dtype(feats, dtype, tmp_path):
+    """As the release: SDXL's VAE overflows in fp16. diffusers upcasts only an fp16 VAE itself, and handed a bf16
+    UNet's latents to the release loader's fp32 VAE, which raised a dtype error on the first picture."""
     torch.manual_seed(0)
-    d = Detokenizer.from_config(CFG).eval().to(torch.float16)
+    d = Detokenizer.from_config(CFG).eval().to(dtype)
     seen = []
     hook = d.vae.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
     try:
-        out = gen(d, feats[0][:1], feats[1], num_inference_steps=2)
+        out = gen(d, feats[0][:1].to(dtype), feats[1].to(dtype), num_inference_steps=2)
     finally:
         hook.remove()
-    assert seen == [torch.float32] and d.vae.dtype == torch.float16
+    assert seen == [torch.float32] and d.vae.dtype == torch.float32 and d.unet.dtype == dtype
     assert np.isfinite(out).all() and out.std() > 0
+    d.save_pretrained(tmp_path / "d")
+    loaded = Detokenizer.from_pretrained(str(tmp_path / "d"), torch_dtype=dtype)
+    assert loaded.vae.dtype == torch.float32 and loaded.unet.dtype == dtype

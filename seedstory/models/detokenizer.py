@@ -103,6 +103,8 @@ class Detokenizer(nn.Module):
     """Resampler + SDXL UNet (+ VAE and scheduler for sampling).
 
     ``state_dict()`` keys ``resampler.*`` / ``unet.*`` match the release; ``vae.*`` keys are ours only.
+    The VAE stays in fp32 whatever the other parts' dtype (``to``, ``from_pretrained``), as the release keeps it:
+    SDXL's VAE overflows in fp16. The UNet's latents are cast to it on their way in.
     """
 
     release_prefixes = ("resampler.", "unet.")
@@ -111,10 +113,18 @@ class Detokenizer(nn.Module):
         super().__init__()
         self.resampler = resampler
         self.unet = unet
-        self.vae = vae
+        self.vae = vae.to(torch.float32)
+        # diffusers' SDXL pipeline hands the VAE latents in the UNet's dtype (it upcasts only fp16 VAEs itself)
+        first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+        first.register_forward_pre_hook(lambda module, args: (args[0].to(torch.float32), *args[1:]))
         self.scheduler = scheduler  # plain attribute: not a module
         self._scheduler_cache: dict[str, SchedulerMixin] = {}
         self._pipe: Optional[StableDiffusionXLPipeline] = None
+
+    def to(self, *args, **kwargs) -> "Detokenizer":
+        super().to(*args, **kwargs)
+        self.vae.to(torch.float32)
+        return self
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -311,7 +321,7 @@ class Detokenizer(nn.Module):
         model = cls(
             resampler=ResamplerXL.from_pretrained(os.path.join(path, "resampler"), **kw),
             unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **kw),
-            vae=AutoencoderKL.from_pretrained(os.path.join(path, "vae"), **kw),
+            vae=AutoencoderKL.from_pretrained(os.path.join(path, "vae"), local_files_only=True, torch_dtype=torch.float32),
             scheduler=sched_cls.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True),
         )
         return model.to(device) if device is not None else model
