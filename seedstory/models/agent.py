@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import (
+    LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper,
+)
 
 from ..tokens import ImageTokenIds
 from .kv import KV, kv_length, run_decoder
@@ -26,6 +29,9 @@ from .qwen_resampler import QwenResampler
 
 if TYPE_CHECKING:
     from ..prompt import WordForms
+
+
+_NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the warpers read only the scores
 
 
 def cosine_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -183,15 +189,24 @@ class SeedStoryAgent(nn.Module):
         logits = self.llm.get_output_embeddings()(hidden[:, -1]).float()[0]
         return logits, hidden[0], kv
 
-    def _pick(self, logits: torch.Tensor, cfg: DecodingConfig, generator: Optional[torch.Generator]) -> int:
+    @staticmethod
+    def _warpers(cfg: DecodingConfig) -> Optional[LogitsProcessorList]:
+        """transformers' sampling warpers for ``cfg`` (None: greedy, as the release)."""
         if not cfg.do_sample or cfg.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / cfg.temperature, dim=-1)
+            return None
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(cfg.temperature)])
         if cfg.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            warpers.append(TopPLogitsWarper(cfg.top_p))  # always keeps the most likely token
+        return warpers
+
+    @staticmethod
+    def _pick(scores: torch.Tensor, warpers: Optional[LogitsProcessorList], generator: Optional[torch.Generator]) -> int:
+        """The next id from ``scores`` [1, V]: the argmax, or a draw from the warped distribution with our own
+        ``generator`` (``generate`` would draw from torch's global one, so a frame's seed would not decide it)."""
+        if warpers is None:
+            return int(scores.argmax())
+        probs = torch.softmax(warpers(_NO_IDS, scores), dim=-1)
+        return int(torch.multinomial(probs[0].float().cpu(), 1, generator=generator))
 
     @torch.no_grad()
     def decode_text(
@@ -229,18 +244,17 @@ class SeedStoryAgent(nn.Module):
         for i in recent:
             if int(i) not in image_ids.all:
                 remember(int(i))
+        penalty = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty) if cfg.repetition_penalty != 1.0 else None
+        warpers = self._warpers(cfg)
         while True:
-            step_logits = logits.clone()
-            if cfg.repetition_penalty != 1.0 and seen:
-                idx = torch.tensor(sorted(seen), device=logits.device)
-                picked = step_logits[idx]
-                step_logits[idx] = torch.where(picked > 0, picked / cfg.repetition_penalty,
-                                               picked * cfg.repetition_penalty)
-            step_logits[banned] = float("-inf")
+            scores = logits[None].clone()  # [1, V]
+            if penalty is not None and seen:
+                scores = penalty(torch.tensor([sorted(seen)], device=logits.device), scores)
+            scores[:, banned] = float("-inf")
             if len(ids) < cfg.min_new_tokens:
-                step_logits[eos_id] = float("-inf")
-                step_logits[image_ids.boi] = float("-inf")
-            token = self._pick(step_logits, cfg, generator)
+                scores[:, eos_id] = float("-inf")
+                scores[:, image_ids.boi] = float("-inf")
+            token = self._pick(scores, warpers, generator)
             if token == image_ids.boi:
                 return TextResult(ids, "image", kv, logits)
             if token == eos_id:
