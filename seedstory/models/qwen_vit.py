@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+import torch.nn.functional as F
 from torch import nn
 
 from .qwen_resampler import QwenResampler, resize_pos_table
@@ -33,8 +34,7 @@ class VisualAttention(nn.Module):
         qkv = self.in_proj(x).view(b, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, N, H, d]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
-        attn = (q / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
-        out = attn.softmax(dim=-1) @ v  # [B, H, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 

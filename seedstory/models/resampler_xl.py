@@ -6,7 +6,6 @@ released de-tokenizer checkpoints.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,9 @@ class PerceiverAttention(nn.Module):
         q = self._heads(self.to_q(latents))
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)
-        # Scale both sides by dh^-1/4 (more stable in fp16), softmax in fp32.
-        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
-        weight = (q * scale) @ (k * scale).transpose(-2, -1)
-        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-        out = (weight @ v).permute(0, 2, 1, 3).reshape(b, n_lat, -1)
+        # The release scales q and k by dh^-1/4 each and takes the softmax in fp32 for fp16's sake; SDPA's fused
+        # kernels accumulate in fp32 themselves.
+        out = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(b, n_lat, -1)
         return self.to_out(out)
 
 
