@@ -319,6 +319,7 @@ def _write_json(path: str, data) -> None:
 
 
 # -- statistics ----------------------------------------------------------------------------------------
+# Our own Student's t: scipy's ``stats.t.ppf`` would make a 40 MB package a dependency for this one number.
 def _t_central(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with integer ``df`` (closed form, Abramowitz & Stegun 26.7.3-4)."""
     theta = math.atan2(t, math.sqrt(df))
