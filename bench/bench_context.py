@@ -73,9 +73,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from seedstory.quiet import quiet_libraries  # noqa: E402
 from seedstory.threads import passive_openmp  # noqa: E402
 
 passive_openmp()
+quiet_libraries()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

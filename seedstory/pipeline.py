@@ -87,15 +87,20 @@ class SeedStoryPipeline:
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SeedStoryPipeline":
         """Move/cast every component. With CPU offload on, only the agent moves; the ViT and de-tokenizer
         are cast but stay on the CPU and will run on ``device``."""
+        def cast(module, device=None):
+            # a dtype only when it changes: diffusers warns on every ModelMixin.to given one (even None)
+            change = {"dtype": dtype} if dtype is not None and dtype != module.dtype else {}
+            module.to(device=device, **change)
+
         if self.offload_device is not None:
             self.agent.to(device=device, dtype=dtype)
             for module in (self.visual_tokenizer, self.detokenizer):
-                module.to(dtype=dtype)
+                cast(module)
             if device is not None:
                 self.offload_device = torch.device(device)
         else:
             for module in (self.visual_tokenizer, self.agent, self.detokenizer):
-                module.to(device=device, dtype=dtype)
+                cast(module, device)
         self._negative = None
         return self
 

@@ -4,6 +4,7 @@ progress bar for a model that loads in milliseconds, and a cast warning diffuser
 ``ModelMixin.to`` even when nothing is kept in float32. Entry points call ``quiet_libraries`` before importing
 them; errors still show, ``SEEDSTORY_VERBOSE=1`` keeps everything, and ``import seedstory`` changes nobody's
 logging."""
+import contextlib
 import os
 
 
@@ -16,3 +17,21 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def no_fallback_notice():
+    """For ``import seedstory`` itself, which changes nobody's logging: diffusers' SDXL pipeline imports CLIP and
+    SigLIP image processors we never use, and without torchvision (which we do not need) transformers announces
+    that they fall back to PIL. Its verbosity is raised for that import only, then put back as it was."""
+    if os.environ.get("SEEDSTORY_VERBOSE", "") not in ("", "0"):
+        yield
+        return
+    import transformers.utils.logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)

@@ -10,3 +10,6 @@ one prompt serializer:
 Run each as ``accelerate launch -m training.<stage> --config configs/train/<...>.yaml`` (or plain
 ``python -m training.<stage> ...`` on one device).
 """
+from seedstory.quiet import quiet_libraries
+
+quiet_libraries()  # before any stage imports transformers or diffusers: their developer notices are not the user's

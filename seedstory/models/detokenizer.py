@@ -22,12 +22,16 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
+
+from ..quiet import no_fallback_notice
+
+with no_fallback_notice():
+    from diffusers import StableDiffusionXLPipeline
 
 from .resampler_xl import ResamplerXL
 
@@ -113,7 +117,7 @@ class Detokenizer(nn.Module):
         super().__init__()
         self.resampler = resampler
         self.unet = unet
-        self.vae = vae.to(torch.float32)
+        self.vae = vae.float()  # (not ``to``: diffusers warns on every ModelMixin.to with a dtype)
         # diffusers' SDXL pipeline hands the VAE latents in the UNet's dtype (it upcasts only fp16 VAEs itself)
         first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
         first.register_forward_pre_hook(lambda module, args: (args[0].to(torch.float32), *args[1:]))
@@ -123,7 +127,7 @@ class Detokenizer(nn.Module):
 
     def to(self, *args, **kwargs) -> "Detokenizer":
         super().to(*args, **kwargs)
-        self.vae.to(torch.float32)
+        self.vae.float()
         return self
 
     # -- properties ----------------------------------------------------------------------------
