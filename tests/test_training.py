@@ -381,3 +381,29 @@ def test_stage0_vit_learns_image_dependent_features(world, tmp_path):
     frames = [Image.open(world / "images" / p).convert("RGB") for p in openings]
     features = torch.cat([pipe.encode_image(im) for im in frames])
     assert features.std(dim=0).mean() > 0.05 * features.std()
+
+
+def test_two_cpu_processes_train_one_model_together(world, tmp_path):
+    """``torchrun --nproc_per_node 2`` on CPUs (gloo): the two processes join as ranks 0 and 1 of 2 (without a GPU,
+    accelerate used to leave each alone as "rank 0 of 1", training its own copy and racing on the export), log
+    each step once, follow the learning-rate schedule of one process with the same global batch, and export one
+    model that loads."""
+    from seedstory.pipeline import SeedStoryPipeline
+
+    def launch(run, launcher, *overrides):
+        cmd = [*launcher, "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
+               f"output_dir={run}", "log_with=[]", "train.max_steps=4", *data_overrides(world), *overrides]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    two = launch(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29533"])
+    ranks = sorted(line.split(" on ")[0] for line in two.splitlines() if line.startswith("training:"))
+    assert ranks == ["training: MULTI_CPU, process 0 of 2", "training: MULTI_CPU, process 1 of 2"]
+    one = launch(tmp_path / "one", [sys.executable], "train.gradient_accumulation_steps=2")
+    steps, lr_two = losses(tmp_path / "two", "lr")
+    assert steps == [1, 2, 3, 4] and lr_two == losses(tmp_path / "one", "lr")[1]
+    assert two.count("exported") == 1
+    SeedStoryPipeline.from_pretrained(str(tmp_path / "two" / "final"))

@@ -245,6 +245,7 @@ def publish(final: str, out: str, preset: str = "demo", data: Optional[str] = No
     if data is not None:
         pipe.familiarity = fit_familiarity(pipe, data)
     pipe.to("cpu", torch.float16)
+    pipe.detokenizer.vae.half()  # stored in fp16 too; every loader reads the VAE back in fp32
     pipe.settings = GenerationSettings.from_config(load_preset(preset).generation)
     pipe.name = preset
     card_path = os.path.join(out, MODEL_CARD)

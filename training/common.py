@@ -47,13 +47,24 @@ def make_accelerator(cfg: DictConfig):
     out = resolve_path(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     t = cfg.train
+    asked = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher (torchrun, accelerate, mpirun) started
     acc = Accelerator(
         mixed_precision=t.get("mixed_precision"),  # None: the accelerate launch config decides
         gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
         log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "logs")),
-        cpu=bool(t.get("cpu", False)),
+        # Without a GPU, accelerate joins the processes (gloo) only when told they run on CPUs; otherwise each
+        # one trains alone as "rank 0 of 1".
+        cpu=bool(t.get("cpu", False)) or (asked > 1 and not torch.cuda.is_available()),
+        # One schedule step per optimizer step whatever the number of processes: the schedule is the one a
+        # single process follows (accelerate would otherwise step it once per process).
+        step_scheduler_with_optimizer=False,
     )
+    if acc.num_processes != asked:
+        raise RuntimeError(f"the launcher started {asked} processes but they train as {acc.num_processes}: "
+                           "they would each train their own model")
+    print(f"training: {acc.distributed_type.value}, process {acc.process_index} of {acc.num_processes} "
+          f"on {acc.device}", flush=True)
     set_seed(int(t.get("seed", 0)), device_specific=False)
     if acc.is_main_process:
         OmegaConf.save(cfg, os.path.join(out, "config.yaml"))
@@ -277,7 +288,8 @@ def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig
             if accelerator.sync_gradients and t.get("max_grad_norm"):
                 accelerator.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(accelerator.reduce(v.detach(), "mean"))
