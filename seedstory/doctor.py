@@ -285,7 +285,7 @@ def _runtime(report: Report, c: dict, gpus: list[GPU]) -> tuple[str, torch.dtype
 
 def _inspect(report: Report, component: str, path: str, source: str):
     """Header of a checkpoint file as meta tensors, or None (with an item saying why)."""
-    from .checkpoints.release import CheckpointError, inspect_checkpoint, meta_state
+    from .checkpoints.files import CheckpointError, inspect_checkpoint, meta_state
 
     try:
         info = inspect_checkpoint(path)
@@ -309,6 +309,7 @@ def _dtypes(info) -> str:
 
 def _check_tokenizer(report: Report, path: str, entry, n_img: int) -> Optional[int]:
     """Image-token ids and legacy flag from the tokenizer files; returns the tokenizer length (or None)."""
+    from .checkpoints.release_tokenizer import declared_token_ids, tokenizer_config
     from .tokens import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN
 
     comp = "tokenizer"
@@ -331,14 +332,8 @@ def _check_tokenizer(report: Report, path: str, entry, n_img: int) -> Optional[i
         return None
     cfg, declared = {}, {}
     try:
-        cfg_path = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            cfg = json.load(open(cfg_path))
-        added = os.path.join(path, "added_tokens.json")
-        if os.path.isfile(added):
-            declared.update(json.load(open(added)))
-        for idx, spec in (cfg.get("added_tokens_decoder") or {}).items():
-            declared.setdefault(spec["content"] if isinstance(spec, dict) else str(spec), int(idx))
+        cfg = tokenizer_config(path)
+        declared = declared_token_ids(path, cfg)
     except (ValueError, KeyError, TypeError) as e:
         report.add(comp, WRONG, f"unreadable tokenizer json ({type(e).__name__}: {e})", path, entry.source)
         return None
@@ -390,16 +385,17 @@ def _release_components(report: Report, c: dict, dtype: torch.dtype, quant: Opti
                         detok_info, llm_cfg, tok_len) -> None:
     """Parameter counts (from the checks, else from configs on the meta device, else the release manifests)."""
     from .checkpoints.quantization import quantized_bytes
-    from .checkpoints.release import (_diffusers_shapes, is_peft_extra, release_manifest, release_manifest_summary,
-                                      sdxl_component_shapes)
+    from .checkpoints.release_agent import is_peft_extra
+    from .checkpoints.release_detokenizer import diffusers_shapes, sdxl_component_shapes
+    from .checkpoints.release_manifests import release_manifest, release_manifest_summary
 
     ds = torch.finfo(dtype).bits // 8
     comps = []
     if vit_shapes is None:
-        from .checkpoints.release import _vit_shapes
+        from .checkpoints.release_vit import vit_shapes as expected_vit_shapes
 
         try:
-            vit_shapes = _vit_shapes(c.get("visual_tokenizer") or {})
+            vit_shapes = expected_vit_shapes(c.get("visual_tokenizer") or {})
         except Exception:
             vit_shapes = None
     if vit_shapes is not None:
@@ -462,7 +458,7 @@ def _release_components(report: Report, c: dict, dtype: torch.dtype, quant: Opti
             unet_shapes = None
     if unet_shapes is None:
         unet_cfg = release_manifest_summary("detokenizer_pretrained")["sdxl_unet_config"]
-        unet_shapes = dict(_diffusers_shapes("unet", json.dumps(unet_cfg, sort_keys=True), "release manifest"))
+        unet_shapes = dict(diffusers_shapes("unet", json.dumps(unet_cfg, sort_keys=True), "release manifest"))
         note = "UNet estimated from the release manifest"
     detok_n += _numel(unet_shapes.values())
     comps.append(Component("de-tokenizer (resampler + UNet)", detok_n, _dtype_name(dtype), detok_n * ds,
@@ -474,7 +470,7 @@ def _release_components(report: Report, c: dict, dtype: torch.dtype, quant: Opti
     if vae_shapes is None:  # the SDXL VAE architecture
         vae_cfg = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=1024,
                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-        vae_shapes = dict(_diffusers_shapes("vae", json.dumps(vae_cfg, sort_keys=True), "SDXL VAE"))
+        vae_shapes = dict(diffusers_shapes("vae", json.dumps(vae_cfg, sort_keys=True), "SDXL VAE"))
     vae_n = _numel(vae_shapes.values())
     comps.append(Component("VAE (kept in fp32)", vae_n, "fp32", vae_n * 4))
     report.components = comps
@@ -490,21 +486,25 @@ def release_paths_safe(c: dict) -> Optional[dict]:
 
 
 def _diagnose_release(report: Report, c: dict, dtype: torch.dtype, quant: Optional[str]) -> None:
+    from .checkpoints.files import CheckpointError
     from .checkpoints.release import (
-        CheckpointError,
-        check_release_agent,
-        check_release_detokenizer,
-        check_release_visual_tokenizer,
-        diffusers_weight_files,
+        DEFAULT_RELEASE,
+        RELEASE_KEYS,
         release_agent_config,
         release_entry,
         release_paths,
         release_root,
+    )
+    from .checkpoints.release_agent import LLAMA_WEIGHTS, check_release_agent
+    from .checkpoints.release_detokenizer import (
+        check_release_detokenizer,
+        diffusers_weight_files,
         sdxl_component_shapes,
     )
-    from .checkpoints.release import _DEFAULT_RELEASE, RELEASE_KEYS, check_state_dict
+    from .checkpoints.release_vit import check_release_visual_tokenizer
+    from .checkpoints.validation import check_state_dict
 
-    rel = {**_DEFAULT_RELEASE, **(c.get("release") or {})}
+    rel = {**DEFAULT_RELEASE, **(c.get("release") or {})}
     report.root = release_root(c)
     paths = release_paths(c)
     entries = {k: release_entry(k, str(rel[k])) for k in RELEASE_KEYS}
@@ -546,8 +546,7 @@ def _diagnose_release(report: Report, c: dict, dtype: torch.dtype, quant: Option
                                       "section)", paths["agent"])
     if llm_cfg is not None:
         base_dir, e = paths["llm_base"], entries["llm_base"]
-        weights = [f for f in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                               "pytorch_model.bin") if os.path.isfile(os.path.join(base_dir, f))]
+        weights = [f for pair in LLAMA_WEIGHTS for f in pair if os.path.isfile(os.path.join(base_dir, f))]
         needed = plan is None or bool(plan.from_base)
         desc = (f"Llama config: hidden {llm_cfg.get('hidden_size')}, {llm_cfg.get('num_hidden_layers')} layers, "
                 f"vocabulary {llm_cfg.get('vocab_size')}")
@@ -690,7 +689,7 @@ def _diagnose_random(report: Report, c: dict, dtype: torch.dtype) -> None:
 
 
 def _diagnose_pretrained(report: Report, c: dict, dtype: torch.dtype) -> None:
-    from .checkpoints.release import CheckpointError, safetensors_header
+    from .checkpoints.files import CheckpointError, safetensors_header
     from .config import resolve_path
     from .pipeline import CONFIG_FILE
 
@@ -782,7 +781,7 @@ def _fit(report: Report, offload: bool, quant: Optional[str], dtype: torch.dtype
 def diagnose(cfg: Any, overrides=None, gpus: Optional[list[GPU]] = None) -> Report:
     """Check a preset (name, YAML path, DictConfig or dict) without loading weights. ``gpus``: the GPUs to
     plan for (default: the CUDA GPUs found here)."""
-    from .checkpoints.release import _plain
+    from .checkpoints.release import plain_config
     from .config import load_preset
 
     start = time.perf_counter()
@@ -791,8 +790,8 @@ def diagnose(cfg: Any, overrides=None, gpus: Optional[list[GPU]] = None) -> Repo
     elif overrides:
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.merge(OmegaConf.create(_plain(cfg)), OmegaConf.from_dotlist(list(overrides)))
-    c = _plain(cfg)
+        cfg = OmegaConf.merge(OmegaConf.create(plain_config(cfg)), OmegaConf.from_dotlist(list(overrides)))
+    c = plain_config(cfg)
     source = c.get("source", "random")
     report = Report(preset=str(c.get("name", "?")), source=source)
     report.gpus = detect_gpus() if gpus is None else list(gpus)

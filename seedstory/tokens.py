@@ -116,8 +116,8 @@ def load_tokenizer(path: str, num_img_tokens: int | None = None):
     """Load a saved tokenizer folder from local files: a SentencePiece Llama tokenizer saved in the slow layout
     (``tokenizer.model`` without ``tokenizer.json``, class ``LlamaTokenizer``/``ReleaseLlamaTokenizer``, as
     the release's ``cvlm_llama2_tokenizer`` and its re-saves) goes through
-    ``seedstory.checkpoints.release.load_release_tokenizer`` (same ``legacy`` rules as the release); anything
-    else through ``AutoTokenizer``. ``num_img_tokens``: check the image tokens are there (None: no check)."""
+    ``seedstory.checkpoints.release_tokenizer.load_release_tokenizer`` (same ``legacy`` rules as the release);
+    anything else through ``AutoTokenizer``. ``num_img_tokens``: check the image tokens are there (None: no check)."""
     import json
     import os
 
@@ -129,7 +129,7 @@ def load_tokenizer(path: str, num_img_tokens: int | None = None):
     slow = os.path.isfile(os.path.join(path, "tokenizer.model")) and not os.path.isfile(
         os.path.join(path, "tokenizer.json"))
     if slow and cls in _SENTENCEPIECE_LLAMA:
-        from .checkpoints.release import load_release_tokenizer
+        from .checkpoints.release_tokenizer import load_release_tokenizer
 
         return load_release_tokenizer(path, num_img_tokens)
     from transformers import AutoTokenizer

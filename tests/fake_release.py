@@ -10,7 +10,8 @@ Builders shared by tests/test_release_checkpoints.py, tests/test_release_pipelin
 - ``write_sdxl_base`` / ``release_detokenizer_state``: an SDXL base folder (``unet/``, ``vae/``,
   ``scheduler/``) and a de-tokenizer file on top of it;
 - ``make_fake_release(root)``: a complete ``./pretrained`` tree plus a matching preset YAML (a copy of
-  configs/presets/seed-story-george.yaml with tiny sizes and ``release.root`` pointing at the fake).
+  configs/presets/seed-story-george.yaml with tiny sizes and ``release.root`` pointing at the fake);
+- ``patch_release``: replace a loader or reader in every checkpoint module that binds it (to forbid loading).
 """
 from __future__ import annotations
 
@@ -353,3 +354,26 @@ def make_fake_qwen_vl_chat(d: str, layout: str = "bin_index", vit_config: Option
                    "visual": {"image_size": vit_config["image_size"], "width": vit_config["width"],
                               "layers": vit_config["layers"], "output_dim": vit_config["output_dim"]}}, f)
     return {"dir": d, "vit": vit, "shards": names, "visual_shards": names[1:], "llm_shards": names[:1]}
+
+
+# -- patching the loaders ------------------------------------------------------------------------------------
+
+
+def patch_release(monkeypatch, name: str, value) -> None:
+    """Set ``name`` to ``value`` in every checkpoint module that binds it: where it is defined and where it is
+    imported (a loader calls the name its own module holds)."""
+    from seedstory.checkpoints import (
+        files,
+        release,
+        release_agent,
+        release_detokenizer,
+        release_tokenizer,
+        release_vit,
+        validation,
+    )
+
+    modules = [m for m in (files, validation, release_agent, release_vit, release_detokenizer, release_tokenizer,
+                           release) if hasattr(m, name)]
+    assert modules, f"no checkpoint module has {name}"
+    for m in modules:
+        monkeypatch.setattr(m, name, value)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from fake_release import VIT, make_fake_qwen_vl_chat, make_fake_release
-from seedstory.checkpoints import release
+from fake_release import VIT, make_fake_qwen_vl_chat, make_fake_release, patch_release
+from seedstory.checkpoints.files import CheckpointError
 from seedstory.checkpoints.qwen_vl import extract_qwen_vit
-from seedstory.checkpoints.release import CheckpointError, load_release_visual_tokenizer
+from seedstory.checkpoints.release_vit import load_release_visual_tokenizer
 from seedstory.cli import main
 from seedstory.doctor import GPU, MISSING, OK, WRONG, diagnose, report_for_preset
 
@@ -138,8 +138,8 @@ def forbid_loading(monkeypatch):
         raise AssertionError("the doctor must not load weights")
 
     for name in ("read_state_dict", "load_release_agent", "load_release_visual_tokenizer", "load_release_detokenizer",
-                 "load_release_tokenizer", "load_release_pipeline", "_assign"):
-        monkeypatch.setattr(release, name, boom)
+                 "load_release_tokenizer", "load_release_pipeline", "assign_state"):
+        patch_release(monkeypatch, name, boom)
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", boom)
     real_load = torch.load
 

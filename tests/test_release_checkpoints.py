@@ -1,4 +1,4 @@
-"""Loading the released checkpoints (seedstory.checkpoints.release) from tiny fakes in the exact release
+"""Loading the released checkpoints (seedstory.checkpoints.release_*) from tiny fakes in the exact release
 formats, plus a full-size meta-device check of our modules' names and shapes against the packaged manifests."""
 import os
 import re
@@ -16,22 +16,17 @@ from fake_release import (
     write_sdxl_base,
     write_tokenizer_dir,
 )
-from seedstory.checkpoints.release import (
-    RELEASE_FILES,
-    CheckpointError,
-    agent_release_names,
+from seedstory.checkpoints.files import CheckpointError, read_state_dict
+from seedstory.checkpoints.layout import RELEASE_FILES, release_path
+from seedstory.checkpoints.release_agent import agent_release_names, is_peft_extra, load_release_agent
+from seedstory.checkpoints.release_detokenizer import (
     detokenizer_release_names,
-    is_peft_extra,
-    load_release_agent,
     load_release_detokenizer,
     load_release_detokenizer_weights,
-    load_release_tokenizer,
-    load_release_visual_tokenizer,
-    read_state_dict,
-    release_manifest,
-    release_manifest_summary,
-    release_path,
 )
+from seedstory.checkpoints.release_manifests import release_manifest, release_manifest_summary
+from seedstory.checkpoints.release_tokenizer import load_release_tokenizer
+from seedstory.checkpoints.release_vit import load_release_visual_tokenizer
 from seedstory.models.agent import SeedStoryAgent
 from seedstory.models.qwen_resampler import QwenResampler
 from seedstory.models.qwen_vit import QwenVisionTransformer

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fake_release import make_fake_release
-from seedstory.checkpoints import release
-from seedstory.checkpoints.release import CheckpointError, load_release_pipeline, release_paths, release_root
+from fake_release import make_fake_release, patch_release
+from seedstory.checkpoints.files import CheckpointError
+from seedstory.checkpoints.release import load_release_pipeline, release_paths, release_root
 from seedstory.cli import main
 from seedstory.config import REPO_ROOT, PresetError, load_preset
 from seedstory.engine import StoryEngine
@@ -63,7 +63,7 @@ def _forbid_loading(monkeypatch):
 
     for name in ("load_release_tokenizer", "load_release_visual_tokenizer", "load_release_agent",
                  "load_release_detokenizer", "read_state_dict"):
-        monkeypatch.setattr(release, name, boom)
+        patch_release(monkeypatch, name, boom)
 
 
 def test_fake_release_loads_from_preset_and_tells_a_story(fake, release_story):

@@ -18,16 +18,9 @@ import torch
 
 from ..atomic import write_path
 
-from .release import (
-    CheckpointError,
-    TensorMeta,
-    _first,
-    _read_json,
-    _vit_shapes,
-    check_state_dict,
-    inspect_checkpoint,
-    read_state_dict,
-)
+from .files import CheckpointError, TensorMeta, inspect_checkpoint, read_json, read_state_dict
+from .release_vit import vit_shapes
+from .validation import check_state_dict, first_few
 
 VISUAL_PREFIX = "transformer.visual."
 OUT_NAME = "qwen_vit_G"
@@ -57,7 +50,7 @@ def find_visual_shards(src: str) -> tuple[list[str], Optional[dict[str, str]], l
     for name in _INDEXES:
         path = os.path.join(src, name)
         if os.path.isfile(path):
-            weight_map = _read_json(path, "weight index").get("weight_map")
+            weight_map = read_json(path, "weight index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{path}: not a weight index (no weight_map)")
             visual = {k: v for k, v in weight_map.items() if k.startswith(VISUAL_PREFIX)}
@@ -134,7 +127,7 @@ def extract_qwen_vit(
     targets = _outputs(out, write_pt)
     existing = [t for t in targets if os.path.exists(t)]
     if existing and not force:
-        raise CheckpointError(f"{_first(existing)} already exists; pass --force (force=True) to overwrite")
+        raise CheckpointError(f"{first_few(existing)} already exists; pass --force (force=True) to overwrite")
     shards, weight_map, missing_shards = find_visual_shards(src)
 
     # 1. Which visual tensor is where, with its shape: headers only.
@@ -153,15 +146,15 @@ def extract_qwen_vit(
             absent = [k for k in listed if k not in info]
             if absent:
                 raise CheckpointError(f"{shard}: lacks {len(absent)} tensor(s) its index assigns to it: "
-                                      f"{_first(absent)}; download it again")
+                                      f"{first_few(absent)}; download it again")
     if not where and not missing_shards:
         raise _no_visual(src, [k for s in shards for k in _header(s)])
 
     # 2. Keys and shapes against the visual tokenizer, before anything is read or written.
-    expected = _vit_shapes(vit_config)
+    expected = vit_shapes(vit_config)
     lacking = [k for k in expected if k not in shapes]
     if lacking and missing_shards:
-        raise CheckpointError(f"{src}: {len(missing_shards)} shard(s) missing: {_first(missing_shards)}, and "
+        raise CheckpointError(f"{src}: {len(missing_shards)} shard(s) missing: {first_few(missing_shards)}, and "
                               f"{len(lacking)} of the {len(expected)} visual tensors are not in the others (e.g. "
                               f"{VISUAL_PREFIX}{lacking[0]}). Download the missing shards again (Hugging Face "
                               "Qwen/Qwen-VL-Chat).")
