@@ -27,13 +27,9 @@ from .validation import (
 )
 
 
-def load_release_detokenizer_weights(path: str, resampler, unet) -> tuple:
-    """Apply a released de-tokenizer file: ``resampler.*`` -> ``resampler`` (a ``ResamplerXL``; every key
-    required) and ``unet.*`` -> ``unet`` (an SDXL ``UNet2DConditionModel`` already holding the SDXL base
-    weights; full files override all of them, trainable-only files just the 280 attn to_k/to_v weights).
-    Returns ``(resampler, unet)``."""
-    require_file(path, DETOKENIZER_FILES)
-    state = read_state_dict(path)
+def split_detokenizer_state(path: str, state) -> tuple[dict, dict]:
+    """A released de-tokenizer file's tensors as (``resampler.*``, ``unet.*``) without their prefixes; any other
+    key family is refused."""
     res, un, other = {}, {}, []
     for k in state:
         if k.startswith("resampler."):
@@ -44,6 +40,17 @@ def load_release_detokenizer_weights(path: str, resampler, unet) -> tuple:
             other.append(k)
     if other:
         raise unknown_keys_error(path, other, "a SEED-Story de-tokenizer (resampler.* and unet.*)")
+    return res, un
+
+
+def load_release_detokenizer_weights(path: str, resampler, unet) -> tuple:
+    """Apply a released de-tokenizer file: ``resampler.*`` -> ``resampler`` (a ``ResamplerXL``; every key
+    required) and ``unet.*`` -> ``unet`` (an SDXL ``UNet2DConditionModel`` already holding the SDXL base
+    weights; full files override all of them, trainable-only files just the 280 attn to_k/to_v weights).
+    Returns ``(resampler, unet)``."""
+    require_file(path, DETOKENIZER_FILES)
+    state = read_state_dict(path)
+    res, un = split_detokenizer_state(path, state)
     check_state_dict(path, res, module_shapes(resampler), what="the de-tokenizer resampler (resampler.*)")
     check_state_dict(path, un, module_shapes(unet), what="the SDXL UNet (unet.*)",
                      base="the SDXL base UNet (stable-diffusion-xl-base-1.0/unet)")
@@ -145,16 +152,7 @@ def check_release_detokenizer(path: str, sdxl_dir: str, resampler_config: Mappin
     with torch.device("meta"):
         res_shapes = module_shapes(ResamplerXL(**dict(resampler_config)))
     state = read_state_dict(path) if state is None else state
-    res, un, other = {}, {}, []
-    for k in state:
-        if k.startswith("resampler."):
-            res[k[len("resampler."):]] = state[k]
-        elif k.startswith("unet."):
-            un[k[len("unet."):]] = state[k]
-        else:
-            other.append(k)
-    if other:
-        raise unknown_keys_error(path, other, "a SEED-Story de-tokenizer (resampler.* and unet.*)")
+    res, un = split_detokenizer_state(path, state)
     check_state_dict(path, res, res_shapes, what="the de-tokenizer resampler (resampler.*)")
     from_base = check_state_dict(path, un, unet_shapes, what="the SDXL UNet (unet.*)",
                                  base="the SDXL base UNet (stable-diffusion-xl-base-1.0/unet)")
