@@ -96,7 +96,8 @@ def clone(tmp_path_factory):
 
 
 def run(cmd, cwd, python_file=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, SEEDSTORY_HOME=str(cwd), OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, PYTHONPATH=ROOT, SEEDSTORY_HOME=str(cwd), OMP_WAIT_POLICY="PASSIVE",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # accelerate, torchrun
     env.pop("SEEDSTORY_VERBOSE", None)
     argv = [sys.executable, python_file] if python_file else ["bash", "-c", cmd.replace("python ", f"{sys.executable} ", 1)]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
