@@ -23,8 +23,8 @@ from .engine import MODES, StoryEngine
 from .export import FORMATS, export_story, figures_html
 from .holder import ModelHolder
 from .image_processing import load_image
-from .storage import StoryFileError, load_story, save_story
 from .models.detokenizer import SCHEDULERS as _SCHEDULERS
+from .storage import StoryFileError, load_story, save_story
 from .story import Detached, Frame, StoryError, StoryTree
 
 MAX_FRAMES_PER_CLICK = 25

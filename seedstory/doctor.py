@@ -488,10 +488,8 @@ def release_paths_safe(c: dict) -> Optional[dict]:
 def _diagnose_release(report: Report, c: dict, dtype: torch.dtype, quant: Optional[str]) -> None:
     from .checkpoints.files import CheckpointError
     from .checkpoints.release import (
-        DEFAULT_RELEASE,
-        RELEASE_KEYS,
         release_agent_config,
-        release_entry,
+        release_entries,
         release_paths,
         release_root,
     )
@@ -504,10 +502,9 @@ def _diagnose_release(report: Report, c: dict, dtype: torch.dtype, quant: Option
     from .checkpoints.release_vit import check_release_visual_tokenizer
     from .checkpoints.validation import check_state_dict
 
-    rel = {**DEFAULT_RELEASE, **(c.get("release") or {})}
     report.root = release_root(c)
     paths = release_paths(c)
-    entries = {k: release_entry(k, str(rel[k])) for k in RELEASE_KEYS}
+    entries = release_entries(c)
     if not os.path.isdir(report.root):
         report.add("release folder", MISSING, "the folder the preset's release.root names does not exist; create "
                                               "it and put the files below in it", report.root)

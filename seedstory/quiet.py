@@ -8,8 +8,12 @@ import contextlib
 import os
 
 
+def _verbose() -> bool:
+    return os.environ.get("SEEDSTORY_VERBOSE", "") not in ("", "0")
+
+
 def quiet_libraries() -> None:
-    if os.environ.get("SEEDSTORY_VERBOSE", "") not in ("", "0"):
+    if _verbose():
         return
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -24,7 +28,7 @@ def no_fallback_notice():
     """For ``import seedstory`` itself, which changes nobody's logging: diffusers' SDXL pipeline imports CLIP and
     SigLIP image processors we never use, and without torchvision (which we do not need) transformers announces
     that they fall back to PIL. Its verbosity is raised for that import only, then put back as it was."""
-    if os.environ.get("SEEDSTORY_VERBOSE", "") not in ("", "0"):
+    if _verbose():
         yield
         return
     import transformers.utils.logging as transformers_logging

@@ -17,7 +17,6 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from ..atomic import write_path
-
 from .files import CheckpointError, TensorMeta, inspect_checkpoint, read_json, read_state_dict
 from .release_vit import vit_shapes
 from .validation import check_state_dict, first_few

@@ -72,10 +72,21 @@ def release_entry(key: str, rel: str) -> ReleaseFile:
     return RELEASE_FILES[names[0]]
 
 
+def release_names(cfg) -> dict[str, str]:
+    """The preset's ``release`` section over ``DEFAULT_RELEASE``: ``{key: path under the root}``."""
+    return {**DEFAULT_RELEASE, **(plain_config(cfg).get("release") or {})}
+
+
+def release_entries(cfg) -> dict[str, ReleaseFile]:
+    """``{key: the RELEASE_FILES entry}`` each of the preset's release paths stands for."""
+    rel = release_names(cfg)
+    return {k: release_entry(k, str(rel[k])) for k in RELEASE_KEYS}
+
+
 def release_paths(cfg) -> dict[str, str]:
     """``{key: absolute path}`` for the preset's ``release`` section (keys of ``RELEASE_KEYS``), joined to
     ``release_root``; the visual tokenizer path goes through ``resolve_visual_tokenizer_path``."""
-    rel = {**DEFAULT_RELEASE, **(plain_config(cfg).get("release") or {})}
+    rel = release_names(cfg)
     root = release_root(cfg)
     out = {k: os.path.join(root, str(rel[k])) for k in RELEASE_KEYS}
     out["visual_tokenizer"] = resolve_visual_tokenizer_path(out["visual_tokenizer"])
@@ -107,9 +118,8 @@ class Requirement:
 def release_requirements(cfg) -> list[Requirement]:
     """Every file and folder ``load_release_pipeline`` needs, in loading order. Llama base weights are not
     listed: a full agent file carries them (``check_release_agent`` decides when the folder's are needed)."""
-    rel = {**DEFAULT_RELEASE, **(plain_config(cfg).get("release") or {})}
     p = release_paths(cfg)
-    e = {k: release_entry(k, str(rel[k])) for k in RELEASE_KEYS}
+    e = release_entries(cfg)
     sd = p["sdxl_base"]
     return [
         Requirement("tokenizer", p["tokenizer"], e["tokenizer"], is_dir=True),
@@ -252,5 +262,5 @@ def convert_release(release_root: str, out: str, preset="seed-story-george", ove
 __all__ = [
     "DEFAULT_RELEASE", "RELEASE_KEYS", "Requirement", "check_release_files", "convert_release",
     "load_release_pipeline", "missing_release_files", "plain_config", "release_agent_config", "release_entry",
-    "release_paths", "release_requirements", "release_root",
+    "release_entries", "release_names", "release_paths", "release_requirements", "release_root",
 ]

@@ -325,7 +325,7 @@ class Detokenizer(nn.Module):
         model = cls(
             resampler=ResamplerXL.from_pretrained(os.path.join(path, "resampler"), **kw),
             unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **kw),
-            vae=AutoencoderKL.from_pretrained(os.path.join(path, "vae"), local_files_only=True, torch_dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(os.path.join(path, "vae"), local_files_only=True),  # fp32 in __init__
             scheduler=sched_cls.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True),
         )
         return model.to(device) if device is not None else model

@@ -10,9 +10,9 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-import torch.nn.functional as F
 from torch import nn
 
 from .qwen_resampler import QwenResampler, resize_pos_table

@@ -6,7 +6,6 @@ released de-tokenizer checkpoints.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
