@@ -133,6 +133,32 @@ def cmd_extract_vit(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .doctor import diagnose
+    from .download import download_release
+
+    bar = None
+
+    def progress(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="download")
+        bar.total = total
+        bar.set_postfix_str(os.path.basename(what), refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        cfg = download_release(args.preset, args.to, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = diagnose(cfg)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def cmd_export(args) -> int:
     from .export import FORMATS, export_story
     from .storage import load_story
@@ -199,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_extract_vit)
 
+    p = sub.add_parser("download", help="fetch the files a release preset needs from the Hugging Face Hub")
+    p.add_argument("--preset", default="seed-story-george", help="release preset (default seed-story-george)")
+    p.add_argument("--to", metavar="DIR", help="folder to put them in (default: the preset's release.root, "
+                                               "./pretrained); a gated repository needs HF_TOKEN")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("export", help="export a saved story")
     p.add_argument("story", help="a saved story folder or .zip")
     p.add_argument("--format", required=True, choices=["comic", "html", "pdf", "gif", "zip"])
@@ -221,7 +253,9 @@ def main(argv=None) -> int:
     except Exception as e:
         from .checkpoints import CheckpointError  # imported late: optional heavy deps
 
-        if isinstance(e, CheckpointError):
+        from .download import DownloadError
+
+        if isinstance(e, (CheckpointError, DownloadError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .files import CheckpointError, TensorMeta, inspect_checkpoint, read_state_dict
+from .files import CheckpointError, TensorMeta, inspect_checkpoint, meta_state, read_state_dict
 from .layout import AGENT_FILES, RELEASE_FILES, require_file
 from .validation import (
     assign_state,
@@ -212,10 +212,12 @@ def check_release_agent(
     config: dict,
     vocab_size: Optional[int] = None,
     state: Optional[Mapping[str, torch.Tensor]] = None,
+    shards_on_disk: bool = True,
 ) -> AgentPlan:
     """Every check ``load_release_agent`` makes, without merging (``state``: the file's tensors, or meta
     tensors from ``meta_state(inspect_checkpoint(path))`` to check a file from its header alone). Raises
-    CheckpointError; returns an ``AgentPlan``."""
+    CheckpointError; returns an ``AgentPlan``. ``shards_on_disk=False``: the base folder may have only its
+    config and weight index so far (``base_shards_needed`` asks which shards to fetch)."""
     from transformers import LlamaForCausalLM
 
     from ..models.qwen_resampler import QwenResampler
@@ -287,21 +289,21 @@ def check_release_agent(
     # Everything the file lacks must come from the base folder, with the right shapes.
     need = [k for k in expected if k not in parts["plain"] and k not in parts["saved"]]
     lacking = [k for k in need if k not in base]
-    if lacking:
+    if lacking and shards_on_disk:
         raise CheckpointError(
             f"{agent_path} lacks {len(lacking)} parameter(s) of the language model that are not in "
             f"{base.where()} either: {first_few(lacking)}. Put the Llama-2-7b-hf weights there "
             f"({RELEASE_FILES['llama2_7b'].source})."
         )
-    gone = sorted({base.key_file[k] for k in need if not os.path.isfile(base.key_file[k])})
-    if gone:
+    gone = sorted({base.key_file[k] for k in need if k in base and not os.path.isfile(base.key_file[k])})
+    if gone and shards_on_disk:
         raise CheckpointError(
             f"{llm_base_dir}: {len(gone)} weight shard(s) listed in its index are missing: {first_few(gone)} "
             f"({agent_path} does not hold those weights). Download them again "
             f"({RELEASE_FILES['llama2_7b'].source})."
         )
     for k in need:
-        if base.shape(k) != expected[k]:
+        if k in base and os.path.isfile(base.key_file[k]) and base.shape(k) != expected[k]:
             raise CheckpointError(
                 f"{llm_base_dir}: {k} has shape {list(base.shape(k))} but the agent needs {list(expected[k])}, "
                 f"and {agent_path} does not provide it"
@@ -314,6 +316,20 @@ def check_release_agent(
     scales = {k: float(cfg[k]) for k in ("lm_loss_scale", "rec_loss_scale") if k in cfg}
     return AgentPlan(agent_path, llm_config, expected, parts, base, need, inp, out, missing_res, alpha,
                      None if lora_r is None else int(lora_r), scales)
+
+
+def base_shards_needed(agent_path: str, llm_base_dir: str, config: dict) -> Optional[list[str]]:
+    """The Llama base weight files (paths under ``llm_base_dir``, from its index) holding the parameters the agent
+    file lacks: ``[]`` when the file carries the whole model, None when it lacks some and the folder has no index
+    to say where they are (its single weights file is needed). Reads the agent file's header only."""
+    info = inspect_checkpoint(agent_path)  # None for a legacy pickle: then the file itself is read
+    plan = check_release_agent(agent_path, llm_base_dir, config, state=None if info is None else meta_state(info),
+                               shards_on_disk=False)
+    if not plan.from_base:
+        return []
+    if not all(k in plan.base for k in plan.from_base):
+        return None
+    return sorted({plan.base.key_file[k] for k in plan.from_base})
 
 
 def load_release_agent(
