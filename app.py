@@ -9,9 +9,13 @@ import argparse
 import functools
 import inspect
 import os
+import sys
+
+from seedstory.space import gpu, serve_options, wants_download  # noqa: E402 - light: imports no library
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not wants_download(sys.argv[1:]):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time unless asked
 
 from seedstory.quiet import quiet_libraries  # noqa: E402
 from seedstory.threads import passive_openmp  # noqa: E402
@@ -23,17 +27,8 @@ import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
 from seedstory.atomic import write_file  # noqa: E402
-from seedstory.cli import default_preset  # noqa: E402
 from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
-
-try:  # On Hugging Face ZeroGPU, GPU-bound calls must be decorated; elsewhere this is a no-op.
-    import spaces
-
-    gpu = spaces.GPU
-except ImportError:
-    def gpu(fn):
-        return fn
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
 
@@ -126,7 +121,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         key, message = logic.resume(session, holder, key)
         return (key, *render(session, message, changed=False))
 
-    @gpu
+    @gpu()
     @guarded
     def start_story(session, ui, image, text, progress=gr.Progress()):
         session = new_session(session)
@@ -135,7 +130,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         note = logic.familiarity_note(holder, tree.get(tree.current).features)  # the opening, already encoded
         return render(session, "Story started. Press **Next frame** to continue it." + (f"\n\n{note}" if note else ""))
 
-    @gpu
+    @gpu(frames=lambda session, ui, n=1, *rest, **kw: int(n or 1))
     @guarded
     def next_frame(session, ui, n=1, progress=gr.Progress()):
         session = new_session(session)
@@ -152,7 +147,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
             logic.stop(session)
         return "Stopping after the frame in progress…"
 
-    @gpu
+    @gpu()
     @guarded
     def regenerate_frame(session, ui, frame, part, seed):
         session = new_session(session)
@@ -164,14 +159,14 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 "both": f"new text and picture (seed {f.seed})"}[part]
         return render(session, f"Regenerated as frame #{f.id}: {made}.")
 
-    @gpu
+    @gpu()
     @guarded
     def edit_frame(session, ui, frame, text):
         session = new_session(session)
         f = logic.edit(session, holder, frame, text, ui)
         return render(session, f"Edited: new frame #{f.id}. Press **Next frame** to continue from it.")
 
-    @gpu
+    @gpu()
     @guarded
     def branch_story(session, ui, frame, text):
         session = new_session(session)
@@ -360,7 +355,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         configure_btn = gr.Button(visible=False)
         configure_btn.click(configure, settings, [ui], api_name="configure")
 
-        image_in.change(gpu(lambda image: logic.picture_note(holder, image)), [image_in], [picture_note],
+        image_in.change(gpu()(lambda image: logic.picture_note(holder, image)), [image_in], [picture_note],
                         api_name=False)
         # Progress and errors show on the status line only: an error must not look as if the story were gone.
         on_status = dict(show_progress_on=[status])
@@ -388,13 +383,17 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         if allow_model_switch:
             load_btn.click(load_model, [preset], [model_info], api_name="load_model", concurrency_limit=1)
         demo.load(model_status, None, [model_info], api_name=False)
+        # While the weights are fetched, the first screen shows how far along; the timer stops once they are in.
+        fetch_timer = gr.Timer(2.0, active=holder.fetching is not None)
+        fetch_timer.tick(lambda: (model_status(), gr.Timer(active=holder.fetching is not None)), None,
+                         [model_info, fetch_timer], api_name=False, show_progress="hidden")
         demo.load(resume, [session, browser_key], [browser_key, *view], api_name=False, **on_status)
     return demo
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="SEED-Story web app")
-    parser.add_argument("--preset", default=os.environ.get("SEEDSTORY_PRESET"),
+    parser.add_argument("--preset",
                         help=f"model preset ({', '.join(list_presets())}); default: $SEEDSTORY_PRESET, else the demo")
     parser.add_argument("--allow-model-switch", action="store_true",
                         default=os.environ.get("SEEDSTORY_ALLOW_MODEL_SWITCH", "") not in ("", "0"),
@@ -402,13 +401,20 @@ def main(argv=None) -> None:
                              "$SEEDSTORY_ALLOW_MODEL_SWITCH=1)")
     parser.add_argument("--concurrency", type=int, default=1, help="model calls at a time")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the release preset's missing files from the Hugging Face Hub first (the app shows "
+                             "the progress); $SEEDSTORY_DOWNLOAD=1 on a Space")
     args = parser.parse_args(argv)
-    holder = ModelHolder(args.preset or default_preset())
+    opts = serve_options(args.preset, args.download)
+    holder = ModelHolder(opts.preset, opts.overrides)
     logic.prune_autosaves()
-    try:
-        holder.pipeline()  # load at start so the first visitor does not wait; errors show in the UI too
-    except Exception as e:  # noqa: BLE001 - the app still opens and says what is wrong
-        print(f"warning: could not load preset {holder.preset!r}: {e}")
+    if opts.download:
+        holder.fetch_in_background()
+    else:
+        try:
+            holder.pipeline()  # load at start so the first visitor does not wait; errors show in the UI too
+        except Exception as e:  # noqa: BLE001 - the app still opens and says what is wrong
+            print(f"warning: could not load preset {holder.preset!r}: {e}")
     demo = build_app(holder, allow_model_switch=args.allow_model_switch)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     demo.launch(

@@ -4,6 +4,7 @@
     convert    turn the released SEED-Story files into our from_pretrained format
     doctor     check a preset's files in seconds, without loading weights
     extract-vit  take the visual tokenizer out of a Qwen-VL-Chat download
+    download   fetch the files a release preset needs from the Hugging Face Hub
     export     write a saved story as a comic page, HTML, PDF, GIF or zip
     presets    list the model presets
 """

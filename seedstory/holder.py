@@ -13,6 +13,13 @@ from .engine import KVStore, StoryEngine
 from .pipeline import SeedStoryPipeline
 
 
+def _progress(fetching: dict) -> str:
+    done, total = fetching["done"], fetching["total"]
+    if not total:
+        return fetching["what"]
+    return f"{done / 2**30:.1f} of {total / 2**30:.1f} GiB ({100 * done / total:.0f}%), {fetching['what']}"
+
+
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
@@ -29,13 +36,53 @@ class ModelHolder:
         self.model_lock = threading.RLock()  # serializes model calls across all engines
         self.load_seconds: Optional[float] = None
         self.error: Optional[str] = None
+        self.fetching: Optional[dict] = None  # while ``fetch_and_load`` runs: {"done", "total", "what"} in bytes
 
     @property
     def loaded(self) -> bool:
         return self._pipe is not None
 
+    def fetch_in_background(self) -> threading.Thread:
+        """``fetch_and_load`` in a daemon thread; ``fetching`` is set before this returns."""
+        self.fetching = {"done": 0, "total": 0, "what": "listing the files"}
+        thread = threading.Thread(target=self.fetch_and_load, name="seedstory-fetch", daemon=True)
+        thread.start()
+        return thread
+
+    def fetch_and_load(self) -> None:
+        """Fetch what the preset (a release preset) still lacks from the Hub (``seedstory.download``), then load
+        it; meanwhile ``describe`` shows the progress and model calls say the weights are on their way. Meant for
+        a thread at start-up; a failure is kept in ``error`` (shown with the doctor's report), never raised."""
+        from .config import load_preset
+        from .download import download_release
+
+        self.fetching = {"done": 0, "total": 0, "what": "listing the files"}
+
+        def progress(done: int, total: int, what: str) -> None:
+            self.fetching = {"done": done, "total": total, "what": what}
+
+        try:
+            cfg = load_preset(self.preset, self.overrides)
+            if cfg.get("source") == "release":
+                download_release(cfg, progress=progress)
+        except Exception as e:  # noqa: BLE001 - shown to visitors in place of the model
+            self.error = f"fetching the weights failed: {e}"
+            return
+        finally:
+            self.fetching = None
+        try:
+            self.pipeline()
+        except Exception:  # noqa: BLE001 - recorded in self.error
+            pass
+
     def pipeline(self) -> SeedStoryPipeline:
         """The loaded pipeline, loading the preset on first use (once, even under concurrent calls)."""
+        fetching = self.fetching
+        if fetching is not None:
+            from .config import PresetError
+
+            raise PresetError(f"the model's weights are still being fetched ({_progress(fetching)}); try again "
+                              "when they are in")
         if self._pipe is None:
             with self._load_lock:
                 if self._pipe is None:
@@ -98,6 +145,9 @@ class ModelHolder:
         return info
 
     def describe(self) -> str:
+        fetching = self.fetching
+        if fetching is not None:
+            return f"{self.preset}: fetching the weights from the Hugging Face Hub: {_progress(fetching)}"
         s = self.status()
         if not s["loaded"]:
             return f"{s['preset']}: not loaded" + (f" ({s['error']})" if s.get("error") else "")

@@ -53,6 +53,8 @@ INSTEAD = {
     "python bench/bench_context.py --preset bench-small":
         ("python bench/bench_context.py --preset bench-small --frames 3 --targets 2 --repeats 1 --op-frame 2",
          "minutes: the same measurement at frame 2 only"),
+    "HF_TOKEN=hf_... python -m seedstory download --preset seed-story-george [--to DIR]":
+        (None, "the Hub and 40 GB: test_download runs the same command against a local stand-in Hub"),
     "python bench/bench_demo.py": ("python bench/bench_demo.py --text-only --stories 1 --frames 2",
                                    "half an hour: one opening, text only"),
 }
