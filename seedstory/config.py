@@ -6,6 +6,7 @@ generation defaults and runtime options (dtype, device, offload, quantization).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
@@ -56,9 +57,28 @@ def load_preset(name_or_path: str, overrides: Optional[list[str] | dict] = None)
         cfg = OmegaConf.load(path)
     if overrides:
         extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
+        _check_sections(extra)
         cfg = OmegaConf.merge(cfg, extra)
     cfg.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return cfg
+
+
+# A preset's top-level keys; an override outside them (``temperature=0.5`` for ``generation.temperature=0.5``)
+# would be silently ignored by every reader.
+PRESET_SECTIONS = ("name", "description", "source", "path", "num_img_tokens", "init_seed", "examples", "tokenizer",
+                   "release", "visual_tokenizer", "agent", "detokenizer", "generation", "runtime")
+
+
+def _check_sections(extra) -> None:
+    for key in extra:
+        if key in PRESET_SECTIONS:
+            continue
+        hint = ""
+        if key in {f.name for f in dataclasses.fields(GenerationSettings)}:
+            hint = f"; did you mean generation.{key}?"
+        elif key in ("device", "dtype", "cpu_offload", "llm_quantization"):
+            hint = f"; did you mean runtime.{key}?"
+        raise PresetError(f"unknown preset setting {key!r}{hint} (top-level keys: {', '.join(PRESET_SECTIONS)})")
 
 
 def resolve_path(path: str) -> str:

@@ -191,6 +191,8 @@ def test_presets_lists_tiny(capsys):
     (["--window", "0"], "at least one frame"),
     (["--steps", "0"], "at least 1"),
     (["--frames", "60"], "limit of 50 frames"),
+    (["--set", "temperature=0.5"], "did you mean generation.temperature"),  # would be silently ignored
+    (["--set", "dtype=bf16"], "did you mean runtime.dtype"),
 ])
 def test_bad_generation_settings_fail_before_work(workdir, capsys, bad, message):
     opening = workdir / "opening.png"
