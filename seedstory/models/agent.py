@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from ..tokens import ImageTokenIds
-from .kv import KV, kv_length, run_decoder
+from .kv import KV, KVWorkspace, kv_length, run_decoder
 from .qwen_resampler import QwenResampler
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class SeedStoryAgent(nn.Module):
         input_ids: torch.Tensor,
         image_embeds: Optional[torch.Tensor] = None,
         ids_cmp_mask: Optional[torch.Tensor] = None,
-        kv: Optional[KV] = None,
+        kv: Optional[KV | KVWorkspace] = None,
         start_pos: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KV]:
         """Feed ids (context image slots filled from ``image_embeds``) after ``kv``.
@@ -246,6 +246,8 @@ class SeedStoryAgent(nn.Module):
                 remember(int(i))
         penalty = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty) if cfg.repetition_penalty != 1.0 else None
         warpers = self._warpers(cfg)
+        # Tokens are written into one preallocated cache in place: a token's cost does not grow with the story.
+        cache = KVWorkspace(kv, room=cfg.max_new_tokens + len(image_ids.block))
         while True:
             scores = logits[None].clone()  # [1, V]
             if penalty is not None and seen:
@@ -256,15 +258,15 @@ class SeedStoryAgent(nn.Module):
                 scores[:, image_ids.boi] = float("-inf")
             token = self._pick(scores, warpers, generator)
             if token == image_ids.boi:
-                return TextResult(ids, "image", kv, logits)
+                return TextResult(ids, "image", cache.snapshot(), logits)
             if token == eos_id:
-                return TextResult(ids, "eos", kv, logits)
+                return TextResult(ids, "eos", cache.snapshot(), logits)
             ids.append(token)
             remember(token)
-            logits, _, kv = self.prefill(torch.tensor([token]), kv=kv, start_pos=pos)
+            logits, _, cache = self.prefill(torch.tensor([token]), kv=cache, start_pos=pos)
             pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
-                return TextResult(ids, "length", kv, logits)
+                return TextResult(ids, "length", cache.snapshot(), logits)
 
     @torch.no_grad()
     def image_block(
