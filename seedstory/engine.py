@@ -32,7 +32,7 @@ from PIL import Image
 from .config import GenerationSettings
 from .image_processing import ImageInput, load_image
 from .models.agent import DecodingConfig
-from .models.kv import KV, kv_nbytes, kv_select
+from .models.kv import KV, KVParts, KVWorkspace, kv_concat, kv_nbytes, kv_select, kv_slice, kv_storage_nbytes
 from .pipeline import SeedStoryPipeline
 from .story import Detached, Frame, StoryError, StoryTree
 from .tokens import neutralize_text
@@ -47,18 +47,27 @@ Progress = Callable[[str, float], None]  # (stage, fraction of this frame done)
 class ContextState:
     """The LM state right after a frame's ``</img>``: ready to write the next frame."""
 
-    kv: KV = field(repr=False)
+    # The cache in pieces: the ``n_fixed`` never-evicted entries, then one piece per frame still in context
+    # (``spans``). A state shares its pieces with the state it grew from, so the store pays for each frame's
+    # entries once, and evicting a frame drops its piece without copying the others.
+    parts: KVParts = field(repr=False)
     logits: torch.Tensor = field(repr=False)  # [V] next-token logits
     next_pos: int  # RoPE position of the next token
-    # Cache layout: ``n_fixed`` never-evicted entries, then one span per frame still in context:
+    # One span per frame still in context:
     # (frame id, length, boi offset, eoi offset, entries at its start to keep if it is evicted).
     n_fixed: int
     spans: list = field(default_factory=list)
     evicted: int = 0
 
     @property
+    def kv(self) -> KV:
+        """The cache as one ``KV`` value (a copy: for inspection; generation reads ``parts``)."""
+        return kv_concat(self.parts)
+
+    @property
     def nbytes(self) -> int:
-        return kv_nbytes(self.kv)
+        """The bytes of this state alone (pieces shared with other states included)."""
+        return kv_nbytes(self.parts)
 
 
 class KVStore:
@@ -94,7 +103,8 @@ class KVStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self._items.values())
+        """The memory the stored states hold, pieces they share counted once."""
+        return kv_storage_nbytes(s.parts for s in self._items.values())
 
     def __len__(self) -> int:
         return len(self._items)
@@ -220,7 +230,11 @@ class StoryEngine:
         ids_t = torch.tensor(ids)
         feats = torch.cat([f.features for f in frames]).to(agent.device)
         logits, _, kv = agent.prefill(ids_t, feats, prompt.image_slot_mask(ids_t), start_pos=0)
-        return ContextState(kv=kv, logits=logits, next_pos=len(ids), n_fixed=1, spans=spans)
+        bounds = [0, 1]
+        for span in spans:
+            bounds.append(bounds[-1] + span[1])
+        parts = KVParts(kv_slice(kv, a, b) for a, b in zip(bounds, bounds[1:]))
+        return ContextState(parts=parts, logits=logits, next_pos=len(ids), n_fixed=1, spans=spans)
 
     def _span(self, frame_id: int, ids: list[int]) -> tuple:
         boi = ids.index(self.prompt.image_ids.boi)
@@ -233,10 +247,13 @@ class StoryEngine:
         ids = torch.tensor(frame.token_ids)
         if state.next_pos + len(ids) + 512 > self.max_positions:
             raise _NeedsRebuild()
-        logits, _, kv = agent.prefill(
-            ids, frame.features.to(agent.device), prompt.image_slot_mask(ids), kv=state.kv, start_pos=state.next_pos
+        cache = KVWorkspace(state.parts, room=len(ids))
+        n = cache.get_seq_length()
+        logits, _, cache = agent.prefill(
+            ids, frame.features.to(agent.device), prompt.image_slot_mask(ids), kv=cache, start_pos=state.next_pos
         )
-        new = ContextState(kv, logits, state.next_pos + len(ids), state.n_fixed,
+        new = ContextState(KVParts((*state.parts, kv_slice(cache.snapshot(), n, n + len(ids)))), logits,
+                           state.next_pos + len(ids), state.n_fixed,
                            state.spans + [self._span(frame.id, frame.token_ids)], state.evicted)
         while len(new.spans) > self.window:
             new = self._evict_oldest(new)
@@ -259,10 +276,12 @@ class StoryEngine:
                 # The tokens right after </img> open the next frame: they survive its eviction.
                 f2, l2, b2, e2, h2 = rest[0]
                 rest[0] = (f2, l2, b2, e2, max(h2, spill))
-        total = state.kv[0][0].shape[-2]
-        index = list(range(start)) + [start + i for i in keep_local] + list(range(start + length, total))
-        kv = kv_select(state.kv, index)
-        return ContextState(kv, state.logits, state.next_pos, start + len(keep_local), rest, state.evicted + 1)
+        fixed, oldest, *others = state.parts
+        if keep_local:  # the sink's tokens of the evicted frame join the never-evicted entries
+            kept = kv_select(oldest, keep_local)
+            fixed = tuple((torch.cat([k, k2], dim=-2), torch.cat([v, v2], dim=-2)) for (k, v), (k2, v2) in zip(fixed, kept))
+        return ContextState(KVParts((fixed, *others)), state.logits, state.next_pos, start + len(keep_local), rest,
+                            state.evicted + 1)
 
     def state_after(self, tree: StoryTree, frame_id: int) -> ContextState:
         """The context state right after ``frame_id``, from the store or built from the nearest cached
@@ -324,7 +343,7 @@ class StoryEngine:
             penalized = self._penalized(recent[-1] if recent else None, settings)
             for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
                 # the generator moves on, so each try draws another caption; the cache is not changed by a try
-                result = agent.decode_text(state.logits, state.kv, prompt.image_ids, prompt.eos_id, cfg, generator,
+                result = agent.decode_text(state.logits, state.parts, prompt.image_ids, prompt.eos_id, cfg, generator,
                                            should_stop=should_stop, start_pos=state.next_pos, recent=penalized,
                                            word_forms=forms)
                 text = self.display_text(result.ids)
@@ -333,7 +352,7 @@ class StoryEngine:
             text_ids, kv = result.ids, result.kv
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]
-            _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.kv, start_pos=state.next_pos)
+            _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.parts, start_pos=state.next_pos)
         features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
         return text, text_ids + prompt.image_ids.block, features.float().cpu()
 

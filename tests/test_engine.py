@@ -11,7 +11,7 @@ from PIL import Image
 from seedstory.engine import ContextState, StoryEngine
 from seedstory.export import export_story
 from seedstory.image_processing import ImageError
-from seedstory.models.kv import kv_length
+from seedstory.models.kv import KVParts, kv_length, kv_slice
 from seedstory.storage import StoryFileError, load_story, save_story
 from seedstory.story import StoryError
 
@@ -71,13 +71,25 @@ def test_window_evicts_whole_frames(tiny_pipeline, opening_image):
     assert state.next_pos == total  # positions keep counting after eviction
 
 
+def test_stored_states_share_the_frames_they_have_in_common(tiny_pipeline, opening_image):
+    """Each state holds the frames in its window, but the store pays for each frame's entries about once."""
+    eng = StoryEngine(tiny_pipeline, mode="window", window=4)
+    tree = eng.start(opening_image, "Snow fell on the village.")
+    for _ in range(10):
+        eng.step(tree)
+    states = [eng.state_after(tree, f.id) for f in tree.path()]
+    alone = sum(s.nbytes for s in states)  # what the states cost if each held its own copy
+    assert len(eng.store) == len(states) and eng.store.nbytes * 3 < alone
+
+
 def test_sink_keeps_exactly_the_intended_positions(tiny_pipeline):
     eng = StoryEngine(tiny_pipeline, mode="sink", window=1)
     # After 1 fixed entry (BOS): frame A (23 entries, <img> at 5, </img> at 22), frame B (21, <img> 3, </img> 20).
     n = 1 + 23 + 21
     k = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1)
-    state = ContextState(kv=((k, k.clone()),), logits=torch.zeros(3), next_pos=n, n_fixed=1,
-                         spans=[(10, 23, 5, 22, 0), (11, 21, 3, 20, 0)])
+    kv = ((k, k.clone()),)
+    state = ContextState(parts=KVParts((kv_slice(kv, 0, 1), kv_slice(kv, 1, 24), kv_slice(kv, 24, n))),
+                         logits=torch.zeros(3), next_pos=n, n_fixed=1, spans=[(10, 23, 5, 22, 0), (11, 21, 3, 20, 0)])
     new = eng._evict_oldest(state)
     kept = new.kv[0][0].flatten().long().tolist()
     # The story's first 4 tokens (BOS + 3), [<img>-4, <img>+8) and [</img>-8, </img>+4) of frame A.

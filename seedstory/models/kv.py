@@ -23,12 +23,49 @@ from transformers.cache_utils import Cache, DynamicLayer
 KV = tuple  # tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
+class KVParts(tuple):
+    """A ``KV`` value kept as consecutive pieces (each a ``KV`` value): states that share a prefix share its
+    pieces, and nothing is concatenated until a ``KVWorkspace`` copies them in, once."""
+
+
 def kv_length(kv: Optional[KV]) -> int:
+    if isinstance(kv, KVParts):
+        return sum(kv_length(p) for p in kv)
     return 0 if not kv else kv[0][0].shape[-2]
 
 
+def _tensors(kv):
+    for piece in (kv if isinstance(kv, KVParts) else (kv,)):
+        for layer in piece or ():
+            yield from layer
+
+
 def kv_nbytes(kv: Optional[KV]) -> int:
-    return sum(t.numel() * t.element_size() for layer in (kv or ()) for t in layer)
+    return sum(t.numel() * t.element_size() for t in _tensors(kv))
+
+
+def kv_storage_nbytes(values) -> int:
+    """Bytes of memory that the ``KV`` values (or ``KVParts``) hold together, pieces they share counted once."""
+    seen: dict[int, int] = {}
+    for kv in values:
+        for t in _tensors(kv):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def kv_concat(parts: KVParts) -> KV:
+    """The pieces as one ``KV`` value."""
+    pieces = [p for p in parts if p]
+    if len(pieces) <= 1:
+        return pieces[0] if pieces else ()
+    return tuple((torch.cat([p[i][0] for p in pieces], dim=-2), torch.cat([p[i][1] for p in pieces], dim=-2))
+                 for i in range(len(pieces[0])))
+
+
+def kv_slice(kv: KV, start: int, end: int) -> KV:
+    """Positions [start, end) of every layer, as tensors of their own (a view would keep the whole buffer)."""
+    return tuple((k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in kv)
 
 
 def kv_select(kv: KV, index: torch.Tensor | list[int] | slice) -> KV:
@@ -86,12 +123,15 @@ class KVWorkspace(Cache):
     """A cache written in place (``AppendLayer`` per layer), started from a ``KV`` value with ``room`` more
     positions ready. ``run_decoder`` extends it in place; ``snapshot()`` is the value so far."""
 
-    def __init__(self, kv: Optional[KV], room: int = 256):
+    def __init__(self, kv: Optional[KV | KVParts], room: int = 256):
         n = kv_length(kv)
-        super().__init__(layers=[AppendLayer(n + room) for _ in range(len(kv or ()))] or None,
-                         layer_class_to_replicate=None if kv else functools.partial(AppendLayer, room))
-        for i, (k, v) in enumerate(kv or ()):
-            self.layers[i].update(k, v)
+        pieces = [p for p in (kv if isinstance(kv, KVParts) else (kv,)) if p]
+        n_layers = len(pieces[0]) if pieces else 0
+        super().__init__(layers=[AppendLayer(n + room) for _ in range(n_layers)] or None,
+                         layer_class_to_replicate=None if n_layers else functools.partial(AppendLayer, room))
+        for piece in pieces:
+            for i, (k, v) in enumerate(piece):
+                self.layers[i].update(k, v)
 
     def snapshot(self) -> KV:
         return tuple((layer.keys, layer.values) for layer in self.layers)
@@ -121,13 +161,16 @@ def run_decoder(
     """Run the LM's decoder stack on new positions after ``kv``.
 
     inputs_embeds: [B, L, H]. Returns the final post-norm hidden states [B, L, H] and the extended cache: a new
-    ``KV`` value for a ``KV`` (which stays as it was), the same workspace, extended in place, for a ``KVWorkspace``.
+    ``KV`` value for a ``KV`` (which stays as it was), the same workspace, extended in place, for a ``KVWorkspace``,
+    a new workspace for ``KVParts``.
     Positions default to the cache length + ``arange(L)``.
     """
     decoder = llm.get_decoder()
     start = kv.get_seq_length() if isinstance(kv, KVWorkspace) else kv_length(kv)
     if position_ids is None:
         position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+    if isinstance(kv, KVParts):
+        kv = KVWorkspace(kv, room=inputs_embeds.shape[1])
     cache = kv if isinstance(kv, KVWorkspace) else _to_hf(kv)
     out = decoder(
         inputs_embeds=inputs_embeds,
