@@ -79,8 +79,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         tree = session.tree
         current = tree.get(tree.current) if tree is not None and tree.current is not None else None
         choices = logic.frame_choices(session)
-        shown = [f for f in tree.path(tree.leaf(current.id)) if f.image is not None] if current is not None else []
-        board = [(picture(session, f), caption) for f, (_, caption) in zip(shown, logic.storyboard(session))]
+        shown = tree.path(tree.leaf(current.id)) if current is not None else []
+        board = [(picture(session, f) or image, caption) for f, (image, caption) in zip(shown, logic.storyboard(session))]
         sibs = [(picture(session, f), caption) for f, caption in logic.versions(session)]
         return (
             session,
@@ -135,8 +135,11 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     def next_frame(session, ui, n=1, progress=gr.Progress()):
         session = new_session(session)
         done = 0
-        for frame in logic.next_frames(session, holder, n, ui,
-                                       progress=lambda stage, f: progress(f, desc=stage)):
+        for frame in logic.next_frames(session, holder, n, ui, progress=lambda stage, f: progress(f, desc=stage),
+                                       as_written=True):
+            if frame.image is None:  # its text is written; the picture follows
+                yield render(session, f"Frame #{frame.id} written; painting it…")
+                continue
             done += 1
             yield render(session, f"Frame {done} of {int(n)} done: #{frame.id}.")
         stopped = " (stopped)" if done < int(n) else ""

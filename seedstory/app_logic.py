@@ -129,8 +129,19 @@ def storyboard(session: StorySession) -> list[tuple[Image.Image, str]]:
     if session.tree is None or session.tree.current is None:
         return []
     tree = session.tree
-    return [(f.image, f"{SELECTED_MARK if f.id == tree.current else ''}{i}. {f.text}")
-            for i, f in enumerate(tree.path(tree.leaf(tree.current))) if f.image is not None]
+    return [(f.image if f.image is not None else painting_placeholder(tree),
+             f"{SELECTED_MARK if f.id == tree.current else ''}{i}. {f.text}"
+             + ("" if f.image is not None else f" {PAINTING_MARK}"))
+            for i, f in enumerate(tree.path(tree.leaf(tree.current)))]
+
+
+PAINTING_MARK = "(painting…)"  # after the caption of a frame whose text is written and picture not yet painted
+
+
+def painting_placeholder(tree: StoryTree) -> Image.Image:
+    """A plain picture standing in for one being painted, the size of the story's pictures."""
+    size = next((f.image.size for f in tree.frames.values() if f.image is not None), (128, 128))
+    return Image.new("RGB", size, (225, 225, 225))
 
 
 NO_STORY_HTML = "<p><i>No story yet.</i></p>"
@@ -366,9 +377,11 @@ def next_frames(
     n: int,
     ui: UISettings,
     progress: Optional[Callable[[str, float], None]] = None,
+    as_written: bool = False,
 ) -> Iterator[Frame]:
-    """Step ``n`` frames from the current one, yielding each as it is finished. ``stop()`` ends it
-    after the frame in progress; finished frames stay."""
+    """Step ``n`` frames from the current one, yielding each as it is finished (``as_written``: also as soon as its
+    text is written, before its picture, which with ``context_from: features`` is painted while the next text is
+    written). ``stop()`` ends it after the frame in progress; finished frames stay."""
     tree = session.require_tree()
     n = int(n)
     if not 1 <= n <= MAX_FRAMES_PER_CLICK:
@@ -376,18 +389,23 @@ def next_frames(
     engine = engine_for(holder, ui)
     settings = ui.generation(engine.pipe.settings)
     session.stop_event.clear()
-    for i in range(n):
-        if session.stop_event.is_set():
-            break
+    written = 0
+
+    def report(stage, fraction):
+        if progress:
+            progress(f"frame {written + 1}/{n}: {stage}", (written + fraction) / n)
+
+    with one_at_a_time(session):
+        n = min(n, MAX_STORY_FRAMES - len(tree))
         parent = tree.leaf(tree.current)
-
-        def report(stage, fraction, i=i):
-            if progress:
-                progress(f"frame {i + 1}/{n}: {stage}", (i + fraction) / n)
-
-        with one_at_a_time(session):
-            frame = engine.step(tree, parent, settings, progress=report, should_stop=session.stop_event.is_set)
-        yield frame
+        for event, frame in engine.steps(tree, n, parent, settings, progress=report,
+                                         should_stop=session.stop_event.is_set):
+            if event == "written":
+                written += 1
+                if as_written:
+                    yield frame
+            else:
+                yield frame
 
 
 # -- surviving a page reload --------------------------------------------------------------------------

@@ -19,12 +19,13 @@ Until the window is full, ``window``/``sink`` states are exactly the ``recompute
 """
 from __future__ import annotations
 
+import queue
 import random
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -133,6 +134,7 @@ class StoryEngine:
         max_frames: Optional[int] = None,
         store: Optional["KVStore"] = None,
         lock: Optional[threading.RLock] = None,
+        paint_lock: Optional[threading.Lock] = None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown context mode {mode!r}; use one of {', '.join(MODES)}")
@@ -147,6 +149,9 @@ class StoryEngine:
         # (one model call at a time).
         self.store = store if store is not None else KVStore(kv_budget_bytes)
         self.lock = lock if lock is not None else threading.RLock()
+        # The de-tokenizer has a lock of its own, taken inside ``lock`` or alone: a picture can be painted while
+        # the LLM writes the next frame (``steps``), and the two never wait on each other in a cycle.
+        self.paint_lock = paint_lock if paint_lock is not None else threading.Lock()
         llm_cfg = pipeline.agent.llm.config
         self.max_positions = getattr(llm_cfg, "max_position_embeddings", None) or 4096
 
@@ -372,7 +377,8 @@ class StoryEngine:
             progress("painting image", 0.5)
         # The de-tokenizer counts its steps from 1: step n of n is the whole picture.
         callback = (lambda i, n: progress("painting image", 0.5 + 0.5 * i / n)) if progress else None
-        return self.pipe.paint(features, seed=seed, settings=settings, callback=callback)
+        with self.paint_lock:
+            return self.pipe.paint(features, seed=seed, settings=settings, callback=callback)
 
     def _add(self, tree: StoryTree, parent: Optional[int], text, image, features, token_ids, seed, settings, origin,
              select=True) -> Frame:
@@ -427,6 +433,98 @@ class StoryEngine:
             frame = self._add(tree, parent.id, text, image, features, ids, seed, settings, origin)
             self._remember(tree, state, frame)
         return frame
+
+    def steps(
+        self,
+        tree: StoryTree,
+        n: int,
+        frame_id: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
+        seed: Optional[int] = None,
+        progress: Optional[Progress] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> Iterator[tuple[str, Frame]]:
+        """``n`` frames after ``frame_id`` (default: the current one), yielding ``("written", frame)`` when a frame's
+        text is in the tree (its ``image`` still None) and ``("painted", frame)`` when its picture is.
+
+        With ``context_from: features`` (the release's way) the next frame's text needs only this frame's
+        features, so the text runs ahead of the painter: the LLM writes frame k+1 while a second thread paints
+        frame k, and n frames cost about the slower of the two instead of their sum. With ``picture`` the next
+        text reads the painted picture, so each frame is written and painted in turn (``step``). ``should_stop``
+        ends the writing; frames already written are still painted."""
+        settings = self._settings(settings)
+        parent = tree.get(tree.current if frame_id is None else frame_id)
+        # The painter runs alone only where it touches nothing the writer moves or uses: no CPU offload (which
+        # moves modules between devices) and one candidate (several are ranked by the visual tokenizer).
+        if settings.context_from != "features" or self.pipe.offload_device is not None or settings.candidates > 1:
+            for _ in range(n):
+                if should_stop is not None and should_stop():
+                    return
+                parent = self.step(tree, parent.id, settings, seed, progress, should_stop)
+                yield "written", parent
+                yield "painted", parent
+            return
+        seed = settings.seed if seed is None else seed
+        with self.lock:
+            self.pipe.negative_features()  # computed once, by the visual tokenizer, before the painter starts
+        jobs: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue()
+
+        def paint_all() -> None:
+            while (job := jobs.get()) is not None:
+                try:
+                    done.put((job, self._paint_alone(job.paint_features, job.seed, settings)))
+                except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                    done.put((job, e))
+
+        painter = threading.Thread(target=paint_all, name="seedstory-painter", daemon=True)
+        painter.start()
+        pending = 0
+
+        def finished(block: bool, limit: Optional[int] = None) -> Iterator[tuple[str, Frame]]:
+            nonlocal pending
+            while pending and limit != 0:
+                try:
+                    frame, image = done.get(block=block)
+                except queue.Empty:
+                    return
+                pending -= 1
+                limit = None if limit is None else limit - 1
+                if isinstance(image, BaseException):
+                    raise image
+                frame.image = image
+                yield "painted", frame
+
+        try:
+            for i in range(n):
+                # One frame ahead at most (one painting, one waiting): enough to overlap the two, and a Stop
+                # leaves at most that frame to paint.
+                while pending >= 2:
+                    yield from finished(block=True, limit=1)
+                if should_stop is not None and should_stop():
+                    break
+                self._check_room(tree, parent.id)
+                with self.lock:
+                    state = self.state_after(tree, parent.id)
+                    text, ids, features = self._write(state, settings, seed, progress=progress,
+                                                      should_stop=should_stop,
+                                                      recent=self._recent(tree, parent.id, settings))
+                    frame = self._add(tree, parent.id, text, None, features, ids, seed, settings, "generated")
+                    self._remember(tree, state, frame)
+                jobs.put(frame)
+                pending += 1
+                yield "written", frame
+                yield from finished(block=False)
+                parent = frame
+            yield from finished(block=True)
+        finally:
+            jobs.put(None)
+            painter.join()
+
+    def _paint_alone(self, features, seed, settings) -> Image.Image:
+        """A picture painted beside the writing: the de-tokenizer's own lock, not the LLM's."""
+        with self.paint_lock:
+            return self.pipe.paint(features, seed=seed, settings=settings)
 
     def _remember(self, tree: StoryTree, parent_state: ContextState, frame: Frame) -> None:
         if self.mode == "recompute":

@@ -34,6 +34,7 @@ class ModelHolder:
         self._store: Optional[KVStore] = None
         self._load_lock = threading.Lock()
         self.model_lock = threading.RLock()  # serializes model calls across all engines
+        self.paint_lock = threading.Lock()  # the de-tokenizer's: a picture is painted while the LLM writes on
         self.load_seconds: Optional[float] = None
         self.error: Optional[str] = None
         self.fetching: Optional[dict] = None  # while ``fetch_and_load`` runs: {"done", "total", "what"} in bytes
@@ -103,7 +104,7 @@ class ModelHolder:
         with self._load_lock:
             if key not in self._engines:
                 self._engines[key] = StoryEngine(pipe, mode=mode, window=key[1], store=self._store,
-                                                 lock=self.model_lock)
+                                                 lock=self.model_lock, paint_lock=self.paint_lock)
             return self._engines[key]
 
     def forget(self, story_uid: str) -> None:
@@ -113,7 +114,7 @@ class ModelHolder:
 
     def switch(self, preset: str, overrides: Optional[list[str]] = None) -> SeedStoryPipeline:
         """Load another preset; the old models are freed first so both never sit in memory at once."""
-        with self.model_lock:
+        with self.model_lock, self.paint_lock:
             with self._load_lock:
                 self._pipe, self._engines, self._store = None, {}, None
                 self.preset, self.overrides = preset, list(overrides or [])

@@ -1,4 +1,5 @@
 """What the web app does, without a browser: ``seedstory.app_logic`` on the tiny preset, and ``app.build_app``."""
+import dataclasses
 import io
 import re
 import threading
@@ -87,6 +88,8 @@ def test_start_story_from_path_and_views(holder, ui, tmp_path):
 
 
 def test_next_frames_yields_one_by_one(holder, ui, picture):
+    """With ``context_from: picture`` each text reads the picture before it: written and painted in turn."""
+    ui = dataclasses.replace(ui, context_from="picture")
     s = logic.StorySession()
     logic.start_story(s, holder, picture, OPENING, ui)
     stages = []
@@ -103,6 +106,42 @@ def test_next_frames_yields_one_by_one(holder, ui, picture):
     assert all(isinstance(img, Image.Image) for img, _ in board)
     assert [s.split(":")[0] for s, _ in stages if s.endswith("writing text")] == ["frame 1/3", "frame 2/3", "frame 3/3"]
     assert any(stage.startswith("frame 3/3: painting image") for stage, _ in stages)
+
+
+def test_next_frames_write_ahead_of_the_painter(holder, ui, picture):
+    """With ``context_from: features`` a frame's text is shown as soon as it is written (a placeholder picture
+    marked as being painted), and every frame gets its picture, in order."""
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, OPENING, ui)
+    events, boards = [], []
+    for frame in logic.next_frames(s, holder, 3, ui, as_written=True):
+        events.append((frame.id, frame.image is not None))
+        boards.append(logic.storyboard(s))
+    assert [e for e in events if not e[1]] == [(1, False), (2, False), (3, False)]
+    assert [e for e in events if e[1]] == [(1, True), (2, True), (3, True)]
+    assert all(events.index((i, False)) < events.index((i, True)) for i in (1, 2, 3))
+    first = boards[0]  # frame 1 written, nothing painted yet
+    assert first[-1][1].endswith(logic.PAINTING_MARK) and first[-1][0].size == first[0][0].size
+    assert all(f.image is not None for f in s.tree.frames.values())
+    assert not any(c.endswith(logic.PAINTING_MARK) for _, c in logic.storyboard(s))
+    # the same story as written and painted one frame at a time (same seeds, same settings)
+    seq = logic.StorySession()
+    logic.start_story(seq, holder, picture, OPENING, ui)
+    for _ in range(3):
+        next(logic.next_frames(seq, holder, 1, ui))
+    assert [f.text for f in seq.tree.path()] == [f.text for f in s.tree.path()]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(seq.tree.path(), s.tree.path()))
+
+
+def test_stop_while_the_text_runs_ahead(holder, ui, picture):
+    """Stop: the frame already written ahead of the painter is painted too, and nothing more is written."""
+    s = logic.StorySession()
+    logic.start_story(s, holder, picture, OPENING, ui)
+    gen = logic.next_frames(s, holder, 5, ui)
+    assert next(gen).id == 1
+    logic.stop(s)
+    assert [f.id for f in gen] == [2]
+    assert len(s.tree) == 3 and all(f.image is not None for f in s.tree.frames.values())
 
 
 def test_next_frames_progress_is_monotonic_within_0_1(holder, ui, picture):
@@ -146,6 +185,7 @@ def test_stop_ends_after_the_frame_in_progress(holder, ui, session):
 
 
 def test_stop_between_frames(holder, ui, session):
+    ui = dataclasses.replace(ui, context_from="picture")  # one frame at a time: nothing written ahead
     gen = logic.next_frames(session, holder, 4, ui)
     assert next(gen).id == 3
     logic.stop(session)
