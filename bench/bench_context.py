@@ -38,22 +38,13 @@ Usage::
     python bench/bench_context.py --preset bench-small --frames 50          # CPU, a few minutes
     python bench/bench_context.py --preset bench-small --frames 50 --device cuda --dtype bf16 --json out.json
 
-Full size with random weights on a GPU: make a preset ``configs/presets/seed-story-random.yaml`` (not
-shipped) that is ``bench-small.yaml`` with the release's sizes: ``num_img_tokens: 64``; ``agent.llm`` as
-Llama-2-7b (``hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32,
-num_key_value_heads: 32, max_position_embeddings: 4096, vocab_size: 32066``), ``input_resampler: {grid_size:
-8, embed_dim: 4096, num_heads: 32, kv_dim: 4096}``, ``output_resampler: {grid_size: 16, embed_dim: 4096,
-num_heads: 32, kv_dim: 4096}``, ``visual_tokenizer.n_queries: 256, output_dim: 4096`` (the ViT itself and the
-de-tokenizer may stay tiny, with ``detokenizer.resampler.embedding_dim: 4096``: this benchmark never times
-them inside a frame), ``generation.max_new_tokens: 120, num_inference_steps: 1``, ``runtime: {device: cuda,
-dtype: bf16}``. Then::
+Full size with random weights on a GPU: the ``seed-story-random`` preset (the release's sizes, built on the GPU
+in bf16, about 23 GB)::
 
     python bench/bench_context.py --preset seed-story-random --frames 50 --device cuda --dtype bf16 --json full.json
 
-(about 14 GB of bf16 weights; the KV store holds one state per frame, ~0.5 MiB per context token at 7B
-size, so give ``--kv-budget-mb`` room or expect LRU evictions). With ``max_position_embeddings: 4096`` the
-window mode restarts positions (a full rebuild of the window) every ~25 frames; the ``rebuilds`` column
-counts those.
+(the KV store holds the frames in context, ~0.5 MiB per context token at 7B size, so give ``--kv-budget-mb``
+room or expect LRU evictions). ``bench/bench_fullsize.py`` times a whole frame at that size, per runtime option.
 """
 from __future__ import annotations
 

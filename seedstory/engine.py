@@ -11,7 +11,8 @@ stay in context. Three ways to maintain it:
 - ``window``: keep the KV cache; when a frame leaves the window its cache entries are dropped (the
   BOS stays); positions keep counting, so relative distances stay true.
 - ``sink``: as ``window``, but for each evicted frame a few tokens around its ``<img>`` and
-  ``</img>`` stay, as do the first tokens of the story (the release's ``img_head_tail`` sink).
+  ``</img>`` stay, as do the first tokens of the story (the release's ``img_head_tail`` sink); those of the
+  last ``SinkConfig.frames`` evicted frames only, so the context has a fixed budget.
 
 The state after each frame is cached per frame (a ``KVStore`` bounded in bytes, least recently used
 out), so stepping, regenerating or branching from frame k reuses its prefix instead of recomputing it.
@@ -33,7 +34,7 @@ from PIL import Image
 from .config import GenerationSettings
 from .image_processing import ImageInput, load_image
 from .models.agent import DecodingConfig
-from .models.kv import KV, KVParts, KVWorkspace, kv_concat, kv_nbytes, kv_select, kv_slice, kv_storage_nbytes
+from .models.kv import KV, KVParts, KVWorkspace, kv_concat, kv_length, kv_nbytes, kv_select, kv_slice, kv_storage_nbytes
 from .pipeline import SeedStoryPipeline
 from .story import Detached, Frame, StoryError, StoryTree
 from .tokens import neutralize_text
@@ -48,7 +49,8 @@ Progress = Callable[[str, float], None]  # (stage, fraction of this frame done)
 class ContextState:
     """The LM state right after a frame's ``</img>``: ready to write the next frame."""
 
-    # The cache in pieces: the ``n_fixed`` never-evicted entries, then one piece per frame still in context
+    # The cache in pieces: the story's first entries, one piece per evicted frame's sink tokens (``sinks``; together
+    # ``n_fixed`` entries), then one piece per frame still in context
     # (``spans``). A state shares its pieces with the state it grew from, so the store pays for each frame's
     # entries once, and evicting a frame drops its piece without copying the others.
     parts: KVParts = field(repr=False)
@@ -59,6 +61,8 @@ class ContextState:
     n_fixed: int
     spans: list = field(default_factory=list)
     evicted: int = 0
+    # Sink mode: the lengths of the pieces after the first that hold evicted frames' sink tokens, oldest first.
+    sinks: tuple = ()
 
     @property
     def kv(self) -> KV:
@@ -114,13 +118,17 @@ class KVStore:
 @dataclass
 class SinkConfig:
     """Tokens kept for each evicted frame, as the release's ``img_head_tail`` mode: the first
-    ``start`` tokens of the story, and [boi-before_boi, boi+after_boi) and [eoi-before_eoi, eoi+after_eoi)."""
+    ``start`` tokens of the story, and [boi-before_boi, boi+after_boi) and [eoi-before_eoi, eoi+after_eoi) of
+    each of the last ``frames`` evicted frames."""
 
     start: int = 4
     before_boi: int = 4
     after_boi: int = 8
     before_eoi: int = 8
     after_eoi: int = 4
+    # The sink tokens of this many evicted frames stay (the most recent ones; the story's first tokens always do),
+    # so the context has a fixed budget however long the story grows (StreamingLLM's sink + recent window).
+    frames: int = 8
 
 
 class StoryEngine:
@@ -259,34 +267,39 @@ class StoryEngine:
         )
         new = ContextState(KVParts((*state.parts, kv_slice(cache.snapshot(), n, n + len(ids)))), logits,
                            state.next_pos + len(ids), state.n_fixed,
-                           state.spans + [self._span(frame.id, frame.token_ids)], state.evicted)
+                           state.spans + [self._span(frame.id, frame.token_ids)], state.evicted, state.sinks)
         while len(new.spans) > self.window:
             new = self._evict_oldest(new)
         return new
 
     def _evict_oldest(self, state: ContextState) -> ContextState:
         (fid, length, boi, eoi, keep_head), *rest = state.spans
-        start = state.n_fixed
-        keep_local: list[int] = []
+        sinks = list(state.sinks)
+        start, *pieces = state.parts
+        sink_pieces, (oldest, *others) = pieces[:len(sinks)], pieces[len(sinks):]
         if self.mode == "sink":
             s = self.sink
-            keep = set(range(keep_head))
-            if state.evicted == 0:
-                keep |= set(range(max(0, s.start - state.n_fixed)))
-            keep |= set(range(boi - s.before_boi, boi + s.after_boi))
-            keep |= set(range(eoi - s.before_eoi, eoi + s.after_eoi))
-            keep_local = sorted(i for i in keep if 0 <= i < length)
+            first = set(range(max(0, s.start - state.n_fixed))) if state.evicted == 0 else set()
+            keep = set(range(keep_head)) | set(range(boi - s.before_boi, boi + s.after_boi)) | \
+                set(range(eoi - s.before_eoi, eoi + s.after_eoi))
+            first_local = sorted(i for i in first if 0 <= i < length)
+            keep_local = sorted(i for i in keep - first if 0 <= i < length)
             spill = eoi + s.after_eoi - length
             if rest and spill > 0:
                 # The tokens right after </img> open the next frame: they survive its eviction.
                 f2, l2, b2, e2, h2 = rest[0]
                 rest[0] = (f2, l2, b2, e2, max(h2, spill))
-        fixed, oldest, *others = state.parts
-        if keep_local:  # the sink's tokens of the evicted frame join the never-evicted entries
-            kept = kv_select(oldest, keep_local)
-            fixed = tuple((torch.cat([k, k2], dim=-2), torch.cat([v, v2], dim=-2)) for (k, v), (k2, v2) in zip(fixed, kept))
-        return ContextState(KVParts((fixed, *others)), state.logits, state.next_pos, start + len(keep_local), rest,
-                            state.evicted + 1)
+            if first_local:  # the story's first tokens join the entries that always stay
+                start = kv_concat(KVParts((start, kv_select(oldest, first_local))))
+            if keep_local:
+                sink_pieces.append(kv_select(oldest, keep_local))
+                sinks.append(len(keep_local))
+            while len(sinks) > s.frames:  # a fixed budget: the oldest frame's sink tokens go
+                sink_pieces.pop(0)
+                sinks.pop(0)
+        n_fixed = kv_length(start) + sum(sinks)
+        return ContextState(KVParts((start, *sink_pieces, *others)), state.logits, state.next_pos, n_fixed, rest,
+                            state.evicted + 1, tuple(sinks))
 
     def state_after(self, tree: StoryTree, frame_id: int) -> ContextState:
         """The context state right after ``frame_id``, from the store or built from the nearest cached

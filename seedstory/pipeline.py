@@ -255,8 +255,11 @@ class SeedStoryPipeline:
         settings = GenerationSettings.from_config(cfg.get("generation", {}))
         source = cfg.get("source", "random")
         if source == "random":
-            pipe = _build_random(cfg, settings)
-            pipe = pipe.to("cpu" if low_vram else device, dtype)
+            # Built where it will run, in its dtype: a full-size random model never exists in fp32 on the CPU.
+            home = torch.device("cpu") if low_vram else device
+            with torch.device(home), _default_dtype(dtype if dtype in (torch.float16, torch.bfloat16) else None):
+                pipe = _build_random(cfg, settings)
+            pipe = pipe.to(home, dtype)
         elif source == "pretrained":
             pipe = cls.from_pretrained(resolve_path(cfg.path), device="cpu" if low_vram else device,
                                        torch_dtype=dtype)
@@ -272,6 +275,20 @@ class SeedStoryPipeline:
             pipe.place(device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization)
         pipe.name = cfg.get("name", pipe.name)
         return pipe
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]):
+    """Make new floating-point tensors ``dtype`` inside the block (nothing changes with None)."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _build_random(cfg, settings: GenerationSettings) -> SeedStoryPipeline:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seedstory.engine import ContextState, StoryEngine
+from seedstory.engine import ContextState, SinkConfig, StoryEngine
 from seedstory.export import export_story
 from seedstory.image_processing import ImageError
 from seedstory.models.kv import KVParts, kv_length, kv_slice
@@ -80,6 +80,22 @@ def test_stored_states_share_the_frames_they_have_in_common(tiny_pipeline, openi
     states = [eng.state_after(tree, f.id) for f in tree.path()]
     alone = sum(s.nbytes for s in states)  # what the states cost if each held its own copy
     assert len(eng.store) == len(states) and eng.store.nbytes * 3 < alone
+
+
+def test_sink_context_has_a_fixed_budget(tiny_pipeline, opening_image):
+    """The sink tokens of the last ``SinkConfig.frames`` evicted frames stay, the oldest go: the context stops
+    growing, and the pieces kept are the very ones the previous state held."""
+    eng = StoryEngine(tiny_pipeline, mode="sink", window=1, sink=SinkConfig(frames=2))
+    tree = eng.start(opening_image, "The owl counted the stars.")
+    for _ in range(6):
+        eng.step(tree)
+    states = [eng.state_after(tree, f.id) for f in tree.path()]
+    assert [len(s.sinks) for s in states] == [0, 1, 2, 2, 2, 2, 2]
+    for before, after in zip(states[2:], states[3:]):
+        assert after.parts[1] is before.parts[2]  # the newer sink piece moved up, shared, not copied
+        assert after.n_fixed == kv_length(after.parts[0]) + sum(after.sinks)
+    assert kv_length(states[-1].kv) == states[-1].n_fixed + states[-1].spans[0][1]
+    assert kv_length(states[-1].kv) <= max(kv_length(s.kv) for s in states[2:5]) + 8
 
 
 def test_sink_keeps_exactly_the_intended_positions(tiny_pipeline):

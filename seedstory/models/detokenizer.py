@@ -295,11 +295,13 @@ class Detokenizer(nn.Module):
         config = {k: dict(v) for k, v in dict(config).items()}
         sched_cfg = config.get("scheduler", dict(RELEASE_SCHEDULER_CONFIG))
         sched_cls = _scheduler_class(sched_cfg.pop("_class_name", "EulerDiscreteScheduler"))
+        with torch.device("cpu"):  # a scheduler's tables live on the CPU, wherever the modules are built
+            scheduler = sched_cls(**sched_cfg)
         return cls(
             resampler=ResamplerXL(**config["resampler"]),
             unet=UNet2DConditionModel(**config["unet"]),
             vae=AutoencoderKL(**config["vae"]),
-            scheduler=sched_cls(**sched_cfg),
+            scheduler=scheduler,
         )
 
     def save_pretrained(self, path: str) -> None:
