@@ -145,7 +145,7 @@ class Probe:
                 out = fn(*a, **kw)
                 self.phases[name] += clock() - t
                 if name == "context":
-                    self.ctx_tokens = kv_length(out.kv)
+                    self.ctx_tokens = kv_length(out.parts)
                 return out
             return wrapper
 

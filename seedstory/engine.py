@@ -131,6 +131,17 @@ class SinkConfig:
     frames: int = 8
 
 
+@dataclass
+class Written:
+    """A frame's text as written: what is shown, its ids (text, then the image block), the features its picture is
+    painted from [1, n, D], and the cache entries of its text tokens (reused when the frame joins the context)."""
+
+    text: str
+    ids: list
+    features: torch.Tensor = field(repr=False)
+    text_kv: tuple = field(repr=False, default=())
+
+
 class StoryEngine:
     def __init__(
         self,
@@ -254,19 +265,24 @@ class StoryEngine:
         eoi = ids.index(self.prompt.image_ids.eoi)
         return (frame_id, len(ids), boi, eoi, 0)
 
-    def _extend(self, state: ContextState, frame: Frame) -> ContextState:
-        """The state after ``frame`` follows ``state``: feed its ids, then evict beyond the window."""
+    def _extend(self, state: ContextState, frame: Frame, text_kv: tuple = ()) -> ContextState:
+        """The state after ``frame`` follows ``state``: feed its ids, then evict beyond the window. ``text_kv``: the
+        cache entries of the frame's text tokens from writing it (only its image block is fed then)."""
         agent, prompt = self.pipe.agent, self.prompt
-        ids = torch.tensor(frame.token_ids)
-        if state.next_pos + len(ids) + 512 > self.max_positions:
+        all_ids = frame.token_ids
+        if state.next_pos + len(all_ids) + 512 > self.max_positions:
             raise _NeedsRebuild()
-        cache = KVWorkspace(state.parts, room=len(ids))
-        n = cache.get_seq_length()
+        n_text = kv_length(text_kv)
+        if n_text != len(all_ids) - len(prompt.image_ids.block):
+            text_kv, n_text = (), 0  # not this frame's text (an edited or loaded frame): feed it all
+        ids = torch.tensor(all_ids[n_text:])
+        cache = KVWorkspace(KVParts((*state.parts, text_kv)), room=len(ids))
+        n = cache.get_seq_length() - n_text
         logits, _, cache = agent.prefill(
-            ids, frame.features.to(agent.device), prompt.image_slot_mask(ids), kv=cache, start_pos=state.next_pos
+            ids, frame.features.to(agent.device), prompt.image_slot_mask(ids), kv=cache, start_pos=state.next_pos + n_text
         )
-        new = ContextState(KVParts((*state.parts, kv_slice(cache.snapshot(), n, n + len(ids)))), logits,
-                           state.next_pos + len(ids), state.n_fixed,
+        new = ContextState(KVParts((*state.parts, kv_slice(cache.snapshot(), n, n + len(all_ids)))), logits,
+                           state.next_pos + len(all_ids), state.n_fixed,
                            state.spans + [self._span(frame.id, frame.token_ids)], state.evicted, state.sinks)
         while len(new.spans) > self.window:
             new = self._evict_oldest(new)
@@ -344,10 +360,9 @@ class StoryEngine:
         progress: Optional[Progress] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         recent: Sequence[Frame] = (),
-    ) -> tuple[str, list[int], torch.Tensor]:
-        """Write (or take) a frame's text and compute its picture's features. Returns
-        (display text, the frame's ids, features [1, n, D] on CPU). ``recent`` (the frames on the path
-        up to the parent, oldest first) is what the repetition penalty (the last one) and
+    ) -> "Written":
+        """Write (or take) a frame's text and compute its picture's features (``Written``). ``recent`` (the
+        frames on the path up to the parent, oldest first) is what the repetition penalty (the last one) and
         ``no_repeat_captions`` (the last N) look at."""
         agent, prompt = self.pipe.agent, self.prompt
         if text is None:
@@ -370,9 +385,12 @@ class StoryEngine:
             text_ids, kv = result.ids, result.kv
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]
-            _, _, kv = agent.prefill(torch.tensor(text_ids), kv=state.parts, start_pos=state.next_pos)
+            _, _, cache = agent.prefill(torch.tensor(text_ids), kv=state.parts, start_pos=state.next_pos)
+            kv = cache.snapshot()
+        n = kv_length(state.parts)
+        text_kv = kv_slice(kv, n, n + len(text_ids))  # valid context entries: the same ids after the same prefix
         features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
-        return text, text_ids + prompt.image_ids.block, features.float().cpu()
+        return Written(text, text_ids + prompt.image_ids.block, features.float().cpu(), text_kv)
 
     @staticmethod
     def _recent(tree: StoryTree, parent_id: int, settings: GenerationSettings) -> list[Frame]:
@@ -440,11 +458,11 @@ class StoryEngine:
         seed = settings.seed if seed is None else seed
         with self.lock:
             state = self.state_after(tree, parent.id)
-            text, ids, features = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
-                                              recent=self._recent(tree, parent.id, settings))
-            image = self._paint(features, seed, settings, progress)
-            frame = self._add(tree, parent.id, text, image, features, ids, seed, settings, origin)
-            self._remember(tree, state, frame)
+            w = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
+                            recent=self._recent(tree, parent.id, settings))
+            image = self._paint(w.features, seed, settings, progress)
+            frame = self._add(tree, parent.id, w.text, image, w.features, w.ids, seed, settings, origin)
+            self._remember(tree, state, frame, w.text_kv)
         return frame
 
     def steps(
@@ -519,11 +537,10 @@ class StoryEngine:
                 self._check_room(tree, parent.id)
                 with self.lock:
                     state = self.state_after(tree, parent.id)
-                    text, ids, features = self._write(state, settings, seed, progress=progress,
-                                                      should_stop=should_stop,
-                                                      recent=self._recent(tree, parent.id, settings))
-                    frame = self._add(tree, parent.id, text, None, features, ids, seed, settings, "generated")
-                    self._remember(tree, state, frame)
+                    w = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
+                                    recent=self._recent(tree, parent.id, settings))
+                    frame = self._add(tree, parent.id, w.text, None, w.features, w.ids, seed, settings, "generated")
+                    self._remember(tree, state, frame, w.text_kv)
                 jobs.put(frame)
                 pending += 1
                 yield "written", frame
@@ -539,11 +556,11 @@ class StoryEngine:
         with self.paint_lock:
             return self.pipe.paint(features, seed=seed, settings=settings)
 
-    def _remember(self, tree: StoryTree, parent_state: ContextState, frame: Frame) -> None:
+    def _remember(self, tree: StoryTree, parent_state: ContextState, frame: Frame, text_kv: tuple = ()) -> None:
         if self.mode == "recompute":
             return
         try:
-            self.store.put(self._key(tree, frame.id), self._extend(parent_state, frame))
+            self.store.put(self._key(tree, frame.id), self._extend(parent_state, frame, text_kv))
         except _NeedsRebuild:
             pass  # built on demand by state_after
 
@@ -578,12 +595,11 @@ class StoryEngine:
                 return frame
             sample = settings if settings.do_sample else settings.replace(do_sample=True)
             state = self.state_after(tree, old.parent)
-            text, ids, features = self._write(state, sample, seed, progress=progress,
-                                              recent=self._recent(tree, old.parent, sample))
+            w = self._write(state, sample, seed, progress=progress, recent=self._recent(tree, old.parent, sample))
             paint_seed = old.seed if part == "text" and old.seed is not None else seed
-            image = self._paint(features, paint_seed, settings, progress)
-            frame = self._add(tree, old.parent, text, image, features, ids, paint_seed, sample, "regenerated")
-            self._remember(tree, state, frame)
+            image = self._paint(w.features, paint_seed, settings, progress)
+            frame = self._add(tree, old.parent, w.text, image, w.features, w.ids, paint_seed, sample, "regenerated")
+            self._remember(tree, state, frame, w.text_kv)
         return frame
 
     def edit_text(
@@ -630,10 +646,10 @@ class StoryEngine:
 
     def _child_with_text(self, tree, parent_id, text, seed, settings, progress, origin) -> Frame:
         state = self.state_after(tree, parent_id)
-        text, ids, features = self._write(state, settings, seed, text=text, progress=progress)
-        image = self._paint(features, seed, settings, progress)
-        frame = self._add(tree, parent_id, text, image, features, ids, seed, settings, origin)
-        self._remember(tree, state, frame)
+        w = self._write(state, settings, seed, text=text, progress=progress)
+        image = self._paint(w.features, seed, settings, progress)
+        frame = self._add(tree, parent_id, w.text, image, w.features, w.ids, seed, settings, origin)
+        self._remember(tree, state, frame, w.text_kv)
         return frame
 
     def add_given(self, tree: StoryTree, parent_id: int, image: ImageInput, text: str) -> Frame:
@@ -652,7 +668,7 @@ class StoryEngine:
         settings = self._settings(settings)
         with self.lock:
             state = self.state_after(tree, frame_id)
-            text, _, _ = self._write(state, settings, seed, recent=self._recent(tree, frame_id, settings))
+            text = self._write(state, settings, seed, recent=self._recent(tree, frame_id, settings)).text
         return text
 
     def delete(self, tree: StoryTree, frame_id: int) -> list[int]:
