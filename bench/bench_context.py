@@ -13,7 +13,10 @@ window, plus attention-sink tokens of evicted frames) a story is told frame by f
   (window mode, KV store warm as in the app; and, for reference, a branch with a cold store);
 - memory: the KV store size in bytes per mode (and the size of one state), the process peak RSS
   (``resource.getrusage``) and, on CUDA, ``torch.cuda.max_memory_allocated``;
-- ratios: frame 25 / frame 2 per mode, recompute / window at frame 25.
+- ratios: frame 25 / frame 2 per mode, recompute / window at frame 25;
+- side by side: once the stories are built, a step from frame k-1's cached state for every measured k and
+  mode, interleaved and repeated (``--rounds``): min, median and the ratios to the first measured frame, which
+  no load that comes and goes between frame 2 and frame 50 can skew.
 
 Painting is left out of the frame times: the engine's ``_paint`` is replaced on the benchmark's engine
 instances by a stub returning a fixed blank picture, and ``pipe.paint`` (the preset's diffusion steps)
@@ -283,9 +286,31 @@ def run_modes(pipe, modes, args, settings, image, clock, blank, targets, op_fram
         shift = k % len(runs)
         for run in runs[shift:] + runs[:shift]:
             run.frame(k)
+    side = side_by_side(runs, targets, args.rounds)
     for run in runs:
         results[run.mode] = run.finish()
+        results[run.mode]["side_by_side"] = side[run.mode]
     return results
+
+
+def side_by_side(runs, targets, rounds: int) -> dict:
+    """Once every story is built: a step from frame k-1's cached state (the same work frame k was) for each
+    measured k and mode, interleaved and rotated, ``rounds`` times, so that load hits every ratio alike. Returns
+    ``{mode: {k: [seconds, ...]}}``."""
+    out = {run.mode: {k: [] for k in targets} for run in runs}
+    log(f"side by side: {rounds} rounds of {len(targets)} frames x {len(runs)} modes ...")
+    cells = [(run, k) for k in targets for run in runs]
+    for r in range(rounds):
+        shift = r % len(cells)
+        for run, k in cells[shift:] + cells[:shift]:
+            tree, leaf = run.tree, run.tree.current
+            parent = tree.path(leaf)[k - 1]
+            t = run.clock()
+            frame = run.engine.step(tree, parent.id, settings=run.settings)
+            out[run.mode][k].append(run.clock() - t)
+            run.engine.delete(tree, frame.id)
+            tree.select(leaf)
+    return out
 
 
 def measure_ops(engine, probe, tree, frame, settings, args, clock) -> dict:
@@ -336,6 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="2,10,25,50", help="frames to report (default 2,10,25,50)")
     p.add_argument("--op-frame", type=int, default=20, help="frame where branch/regenerate are timed (default 20)")
     p.add_argument("--kv-budget-mb", type=float, default=2048, help="KV store budget (default 2048, as the app)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="side-by-side rounds after the stories are built (default 5; 0: none)")
     p.add_argument("--sequential", action="store_true",
                    help="run the modes one after the other (per-mode memory peaks) instead of interleaved")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -438,6 +465,17 @@ def main(argv=None) -> int:
         rw = results["recompute"]["frames"][hi]["total_s"] / results["window"]["frames"][hi]["total_s"]
         print(f"recompute / window at frame {hi}: {rw:.2f}")
     print()
+    side = {m: results[m].get("side_by_side") for m in modes if results[m].get("side_by_side")}
+    if side:
+        print(f"Side by side (the stories built, then a step from frame k-1 for each k and mode, interleaved, "
+              f"{args.rounds} rounds): min / median ms, and median ratios to frame {targets[0]}")
+        rows = []
+        for m in modes:
+            for k in targets:
+                xs = side[m][k]
+                rows.append([m, k, ms(min(xs)), ms(median(xs)), f"{median(xs) / median(side[m][targets[0]]):.2f}"])
+        print(table(["mode", "frame", "min", "median", f"/ f{targets[0]}"], rows, "<>>>>"))
+        print()
     seq = args.sequential
     print("Memory and context, per mode" + (" (RSS peak: whole process so far, modes in the order shown):" if seq
                                            else " (modes interleaved: process peaks below are for all together):"))

@@ -55,6 +55,12 @@ INSTEAD = {
          "minutes: the same measurement at frame 2 only"),
     "HF_TOKEN=hf_... python -m seedstory download --preset seed-story-george [--to DIR]":
         (None, "the Hub and 40 GB: test_download runs the same command against a local stand-in Hub"),
+    "python bench/bench_decode.py": ("python bench/bench_decode.py --preset tiny --contexts 20,60 --tokens 4 --repeats 1",
+                                     "the same measurement on the tiny preset"),
+    "python bench/bench_pipeline.py --preset bench-small --set generation.num_inference_steps=25":
+        ("python bench/bench_pipeline.py --preset tiny --frames 2 --repeats 1", "minutes: two frames of the tiny preset"),
+    "python bench/bench_fullsize.py --proxy": ("python bench/bench_fullsize.py --preset tiny --options bf16 --frames 2 "
+                                               "--context-frames 2", "minutes: the same script on the tiny preset"),
     "python bench/bench_demo.py": ("python bench/bench_demo.py --text-only --stories 1 --frames 2",
                                    "half an hour: one opening, text only"),
 }
