@@ -88,16 +88,24 @@ class Hub:
     def listing(self, repo_id: str) -> tuple[str, dict]:
         """``(commit, {path: sibling})`` of a model repository."""
         if repo_id not in self._repos:
-            from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+            from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
             try:
                 info = self.api.model_info(repo_id, files_metadata=True, token=self.token or False)
+            except GatedRepoError as e:
+                raise self.gated(repo_id) from e
             except RepositoryNotFoundError as e:
                 raise DownloadError(f"{repo_id}: no such repository on {self.where()} (or it is private)") from e
             except (HfHubHTTPError, OSError) as e:
                 raise DownloadError(f"{repo_id}: could not list its files on {self.where()}: {_short(e)}") from e
             self._repos[repo_id] = (info.sha, {s.rfilename: s for s in info.siblings or []})
         return self._repos[repo_id]
+
+    def gated(self, repo_id: str) -> DownloadError:
+        how = ("set HF_TOKEN to a Hugging Face token of an account that has accepted it" if not self.token else
+               "the token in HF_TOKEN was refused: accept the licence on the repository's page with that account, "
+               "or use a token of one that has")
+        return DownloadError(f"{repo_id} is gated: {how} (https://huggingface.co/{repo_id})")
 
     def where(self) -> str:
         return self.endpoint or "the Hugging Face Hub"
@@ -132,10 +140,7 @@ class Hub:
             get_hf_file_metadata(hf_hub_url(repo_id, first, revision=sha, endpoint=self.endpoint),
                                  token=self.token or False)
         except GatedRepoError as e:
-            how = ("set HF_TOKEN to a Hugging Face token of an account that has accepted it" if not self.token else
-                   "the token in HF_TOKEN was refused: accept the licence on the repository's page with that "
-                   "account, or use a token of one that has")
-            raise DownloadError(f"{repo_id} is gated: {how} (https://huggingface.co/{repo_id})") from e
+            raise self.gated(repo_id) from e
         except (HfHubHTTPError, OSError) as e:
             raise DownloadError(f"{repo_id}/{first}: {_short(e)}") from e
 
@@ -160,9 +165,8 @@ class Hub:
                 http_get(url, out, resume_size=have, headers=headers, expected_size=f.size,
                          tqdm_class=_forwarding_bar(progress))
         except GatedRepoError as e:
-            raise DownloadError(f"{f.repo_id} is gated: set HF_TOKEN to a token of an account that has accepted "
-                                f"its licence (https://huggingface.co/{f.repo_id})") from e
-        except (HfHubHTTPError, OSError, EnvironmentError) as e:
+            raise self.gated(f.repo_id) from e
+        except (HfHubHTTPError, OSError) as e:
             raise DownloadError(f"{f.repo_id}/{f.path}: the download stopped ({_short(e)}); run the command again "
                                 "to resume it") from e
         problem = verify(f, f.part)

@@ -20,6 +20,7 @@ Until the window is full, ``window``/``sink`` states are exactly the ``recompute
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import re
@@ -502,11 +503,15 @@ class StoryEngine:
         done: queue.Queue = queue.Queue()
 
         def paint_all() -> None:
-            while (job := jobs.get()) is not None:
-                try:
-                    done.put((job, self._paint_alone(job.paint_features, job.seed, settings)))
-                except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
-                    done.put((job, e))
+            # On a GPU the painter's kernels go to a stream of their own, so they overlap the writer's.
+            unet = self.pipe.detokenizer.unet
+            stream = torch.cuda.Stream(device=unet.device) if unet.device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while (job := jobs.get()) is not None:
+                    try:
+                        done.put((job, self._paint_alone(job.paint_features, job.seed, settings)))
+                    except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                        done.put((job, e))
 
         painter = threading.Thread(target=paint_all, name="seedstory-painter", daemon=True)
         painter.start()

@@ -4,7 +4,8 @@ git blob ids, LFS sha256) and ``HEAD``/``GET /<repo>/resolve/<rev>/<path>`` (ran
 ``X-Repo-Commit``/``X-Linked-Etag``/``X-Linked-Size`` headers, ``X-Error-Code: GatedRepo`` for a gated
 repository without a valid token).
 
-Knobs for the tests: ``gated`` (repositories that need ``token``), ``corrupt`` (paths served with flipped
+Knobs for the tests: ``gated`` (repositories that need ``token``; ``gated_listing``: for their file list too),
+``corrupt`` (paths served with flipped
 bytes), ``cut_after`` (paths whose next GET stops after that many bytes, once), and ``requests`` (every
 request as ``(method, repo, path, range header)``).
 
@@ -32,6 +33,7 @@ class HubStandIn:
         self.repos = repos
         self.gated = set(gated)
         self.token = token
+        self.gated_listing = False  # a gated repository's file list needs the token too
         self.corrupt: set[tuple[str, str]] = set()
         self.cut_after: dict[tuple[str, str], int] = {}
         self.requests: list[tuple[str, str, str, str]] = []
@@ -138,6 +140,8 @@ class HubStandIn:
     def _model_info(self, h, repo: str, head: bool) -> None:
         if repo not in self.repos:
             return self._error(h, 404, "RepoNotFound", f"Repository {repo} not found", head)
+        if self.gated_listing and repo in self.gated and h.headers.get("Authorization", "") != f"Bearer {self.token}":
+            return self._error(h, 401, "GatedRepo", f"Access to model {repo} is restricted", head)
         siblings = []
         for name, data in sorted(self.repos[repo].items()):
             s = {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}

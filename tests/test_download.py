@@ -144,13 +144,14 @@ def test_a_corrupted_file_is_refused_and_the_rest_kept(tmp_path, online, monkeyp
     assert (root / AGENT).read_bytes() == repos[SEED_STORY][AGENT]
 
 
-@pytest.mark.parametrize("token", [None, "hf_wrong"])
+@pytest.mark.parametrize("token, listing", [(None, False), ("hf_wrong", False), (None, True)])
 def test_a_gated_repository_without_a_valid_token_is_named_before_anything_is_fetched(tmp_path, online, monkeypatch,
-                                                                                      capsys, token):
+                                                                                      capsys, token, listing):
     from seedstory.download import DownloadError, download_release
 
     fake, repos, _ = _repos(tmp_path)
     with HubStandIn(repos, gated=[LLAMA]) as hub:
+        hub.gated_listing = listing
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         if token:
             monkeypatch.setenv("HF_TOKEN", token)
