@@ -81,7 +81,8 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         choices = logic.frame_choices(session)
         shown = tree.path(tree.leaf(current.id)) if current is not None else []
         board = [(picture(session, f) or image, caption) for f, (image, caption) in zip(shown, logic.storyboard(session))]
-        sibs = [(picture(session, f), caption) for f, caption in logic.versions(session)]
+        sibs = [(picture(session, f) or logic.painting_placeholder(tree), caption)
+                for f, caption in logic.versions(session)]
         return (
             session,
             board,

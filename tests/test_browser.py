@@ -121,11 +121,14 @@ def test_story_in_the_browser(app_server, page):
         status("Story started")
         shot("started")
 
-        # Two more frames.
+        # Two more frames. A frame's text shows while its picture is painted: wait for the picture.
+        painting = page.locator("#storyboard .caption-label", has_text="(painting…)")
         click("Next frame")
         expect(thumbs).to_have_count(2)
+        expect(painting).to_have_count(0)
         click("Next frame")
         expect(thumbs).to_have_count(3)
+        expect(painting).to_have_count(0)
         expect(info).to_contain_text("Frame #2")
         expect(captions).to_have_text([re.compile(r"^0\. "), re.compile(r"^1\. "), re.compile(r"^▶ 2\. ")])
         pictures_loaded()
