@@ -202,6 +202,8 @@ class RuntimeOptions:
     dtype: torch.dtype
     cpu_offload: bool = False  # ViT and de-tokenizer live on the CPU, each moved to ``device`` only while it runs
     llm_quantization: Optional[str] = None  # None, "8bit" or "4bit" (bitsandbytes; the LLM's decoder Linears)
+    # The de-tokenizer on a device of its own (``cuda:1``, ``cpu``): it paints beside the LLM (``StoryEngine.steps``).
+    detokenizer_device: Optional[torch.device] = None
 
 
 def runtime_options(runtime: Any = None, device=None, dtype: Optional[torch.dtype] = None) -> RuntimeOptions:
@@ -236,4 +238,10 @@ def runtime_options(runtime: Any = None, device=None, dtype: Optional[torch.dtyp
         if importlib.util.find_spec("bitsandbytes") is None:
             raise PresetError(f"runtime.llm_quantization={quant} needs the bitsandbytes package "
                               "(pip install bitsandbytes); or set runtime.llm_quantization=none")
-    return RuntimeOptions(device, dtype, bool(offload), quant)
+    detok = runtime.get("detokenizer_device")
+    detok = None if detok in _FALSE or detok == "" else torch.device(str(detok))
+    if detok is not None and detok.type == "cuda" and (not torch.cuda.is_available()
+                                                      or (detok.index or 0) >= torch.cuda.device_count()):
+        raise PresetError(f"runtime.detokenizer_device={runtime['detokenizer_device']!r}: there is no such GPU here "
+                          f"({torch.cuda.device_count()} found)")
+    return RuntimeOptions(device, dtype, bool(offload), quant, detok)

@@ -486,9 +486,10 @@ class StoryEngine:
         ends the writing; frames already written are still painted."""
         settings = self._settings(settings)
         parent = tree.get(tree.current if frame_id is None else frame_id)
-        # The painter runs alone only where it touches nothing the writer moves or uses: no CPU offload (which
-        # moves modules between devices) and one candidate (several are ranked by the visual tokenizer).
-        if settings.context_from != "features" or self.pipe.offload_device is not None or settings.candidates > 1:
+        # The painter runs alone only where it touches nothing the writer moves or uses: the de-tokenizer not moved
+        # in and out by CPU offload, and one candidate (several are ranked by the visual tokenizer).
+        moved = self.pipe.offload_device is not None and self.pipe.detokenizer_device is None
+        if settings.context_from != "features" or moved or settings.candidates > 1:
             for _ in range(n):
                 if should_stop is not None and should_stop():
                     return

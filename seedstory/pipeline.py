@@ -59,6 +59,7 @@ class SeedStoryPipeline:
         self._negative: Optional[torch.Tensor] = None
         # Set by ``place(cpu_offload=True)``: where the CPU-resident ViT and de-tokenizer run.
         self.offload_device: Optional[torch.device] = None
+        self.detokenizer_device: Optional[torch.device] = None  # set by ``place``: the de-tokenizer's own device
         self.llm_quantization: Optional[str] = None
         # Statistics of the training pictures' features, when the model ships them (``seedstory.familiarity``).
         self.familiarity: Optional[Familiarity] = None
@@ -104,11 +105,13 @@ class SeedStoryPipeline:
         self._negative = None
         return self
 
-    def place(self, device, cpu_offload: bool = False, llm_quantization: Optional[str] = None) -> "SeedStoryPipeline":
+    def place(self, device, cpu_offload: bool = False, llm_quantization: Optional[str] = None,
+              detokenizer_device=None) -> "SeedStoryPipeline":
         """Put the components where a preset's ``runtime`` says, keeping each one's dtype (so an fp32 VAE
         stays fp32). ``llm_quantization`` ("8bit"/"4bit", CUDA + bitsandbytes) quantizes the LLM's decoder
         Linears layer by layer on their way to ``device``; ``cpu_offload`` keeps the ViT and the de-tokenizer
-        on the CPU, moving each to ``device`` only while it runs."""
+        on the CPU, moving each to ``device`` only while it runs; ``detokenizer_device`` puts the de-tokenizer
+        on a device of its own (where it stays, offload or not), so it paints beside the LLM."""
         device = torch.device(device)
         if llm_quantization:
             from .checkpoints.quantization import quantize_llm
@@ -118,7 +121,8 @@ class SeedStoryPipeline:
         self.agent.to(device)
         home = torch.device("cpu") if cpu_offload else device
         self.visual_tokenizer.to(home)
-        self.detokenizer.to(home)
+        self.detokenizer_device = torch.device(detokenizer_device) if detokenizer_device is not None else None
+        self.detokenizer.to(self.detokenizer_device or home)
         self.offload_device = device if cpu_offload else None
         self._negative = None
         return self
@@ -126,7 +130,7 @@ class SeedStoryPipeline:
     @contextlib.contextmanager
     def _running(self, module: torch.nn.Module):
         """Run ``module`` on ``offload_device`` (moved there for the duration) when CPU offload is on."""
-        if self.offload_device is None:
+        if self.offload_device is None or (module is self.detokenizer and self.detokenizer_device is not None):
             yield module
             return
         module.to(self.offload_device)
@@ -271,8 +275,9 @@ class SeedStoryPipeline:
             pipe.settings = settings
         else:
             raise PresetError(f"unknown preset source {source!r} (random, pretrained or release)")
-        if source != "release" and low_vram:
-            pipe.place(device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization)
+        if source != "release" and (low_vram or rt.detokenizer_device is not None):
+            pipe.place(device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization,
+                       detokenizer_device=rt.detokenizer_device)
         pipe.name = cfg.get("name", pipe.name)
         return pipe
 

@@ -312,3 +312,25 @@ def test_a_story_with_a_repainted_frame_saves_and_loads(engine, opening_image, t
     save_story(tree, str(tmp_path / "s.zip"))
     loaded = load_story(str(tmp_path / "s.zip"))
     assert torch.equal(loaded.get(again.id).features, loaded.get(frame.id).features)
+
+
+def test_detokenizer_device_is_checked_and_paints_beside_the_writer(opening_image):
+    """``runtime.detokenizer_device`` puts the de-tokenizer on a device of its own (refused when there is no such
+    GPU); the text still runs ahead of the painter, and the story is the one a single device makes."""
+    import pytest
+
+    from seedstory.config import PresetError
+    from seedstory.pipeline import SeedStoryPipeline
+
+    with pytest.raises(PresetError, match="no such GPU"):
+        SeedStoryPipeline.from_preset("tiny", ["runtime.detokenizer_device=cuda:7"])
+    apart = SeedStoryPipeline.from_preset("tiny", ["runtime.detokenizer_device=cpu"])
+    assert apart.detokenizer_device == torch.device("cpu") and apart.detokenizer.unet.device.type == "cpu"
+    stories = []
+    for pipe in (apart, SeedStoryPipeline.from_preset("tiny")):
+        eng = StoryEngine(pipe, mode="window")
+        tree = eng.start(opening_image, "The kite rose.")
+        events = [e for e, _ in eng.steps(tree, 3)]
+        assert events.count("written") == 3 and events.count("painted") == 3
+        stories.append([(f.text, f.image.tobytes()) for f in tree.path()])
+    assert stories[0] == stories[1]

@@ -224,7 +224,8 @@ def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None)
                                                                rt.dtype)
     detok = Detokenizer(resampler, unet, vae, scheduler)
     pipe = SeedStoryPipeline(tokenizer, vit, agent, detok, settings, name=c.get("name", "seed-story-george"))
-    return pipe.place(rt.device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization)
+    return pipe.place(rt.device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization,
+                      detokenizer_device=rt.detokenizer_device)
 
 
 def convert_release(release_root: str, out: str, preset="seed-story-george", overwrite: bool = False,
