@@ -164,6 +164,7 @@ def main(argv=None) -> int:
                 continue
         r = run_option(args.preset, base + OPTIONS[name], args.frames)
         results["options"][name] = r
+        _write(args.json, results)  # as it goes: a run stopped by a time limit keeps what it measured
         peak = f"{r['peak_gpu_gib']:13.1f}" if "peak_gpu_gib" in r else f"{'-':>13s}"
         print(f"{name:8s} {r['dtype'].replace('torch.', ''):>9s} {r['load_s']:7.1f} {r['text_s_per_frame']:13.2f} "
               f"{r['picture_s_per_frame']:16.2f} {peak}", flush=True)
@@ -171,10 +172,14 @@ def main(argv=None) -> int:
     results["context"] = ratio
     print(f"LLM s/frame at frame {args.context_frames}: recompute {ratio['recompute']:.2f}, window (KV kept) "
           f"{ratio['window']:.2f}: recompute / window = {ratio['recompute_over_window']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    _write(args.json, results)
     return 0
+
+
+def _write(path, results) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
