@@ -268,6 +268,22 @@ def test_two_workers_read_every_story_once_and_the_order_is_seeded(dataset_files
     assert pixels.shape[0] == 12 * 4  # every frame of every story, once
 
 
+def test_processes_share_out_the_samples_of_one_stream(dataset_files, word_tokenizer):
+    """Ranks 0 and 1 of 2 with batch 2 hold, step by step, exactly the batches of 4 one process reads."""
+    pf = PromptFormat(word_tokenizer, 4)
+
+    def batches(rank, world, size):
+        ds = StorySampleDataset(*dataset_files, pf, ImageProcessor(14), max_length=200, seed=3, shuffle_buffer=4,
+                                rank=rank, world_size=world)
+        samples = [tuple(s["input_ids"].tolist()) for s in ds]
+        return [sorted(samples[i:i + size]) for i in range(0, len(samples), size)]
+
+    one = batches(0, 1, 4)
+    rank0, rank1 = batches(0, 2, 2), batches(1, 2, 2)
+    assert len(one) == len(rank0) == len(rank1) == 3
+    assert [sorted(a + b) for a, b in zip(rank0, rank1)] == one
+
+
 def test_sdxl_resize_crop_on_a_non_square_image():
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 150, 100))  # left half blue, right half red

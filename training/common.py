@@ -265,6 +265,17 @@ def make_weight_average(accelerator, model: torch.nn.Module, t: DictConfig) -> O
     return WeightAverage(accelerator, model, decay) if decay > 0 else None
 
 
+def global_mean(accelerator, loss: torch.Tensor, count) -> torch.Tensor:
+    """``loss``, a mean over this process's ``count`` items (label tokens, target pictures), rescaled so that the
+    processes' average, which is what data parallelism makes of the gradients and what is logged, is the mean
+    over all their items: the loss one process would compute on the whole global batch."""
+    if accelerator.num_processes == 1:
+        return loss
+    count = torch.as_tensor(count, dtype=torch.float32, device=loss.device)
+    total = accelerator.reduce(count.clone(), "sum")
+    return loss * count * accelerator.num_processes / total.clamp(min=1)
+
+
 def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig, out_dir: str, name: str,
                start_step: int, compute_losses, average: Optional[WeightAverage] = None) -> None:
     """The loop every stage runs: ``compute_losses(batch) -> {"loss": tensor, ...}`` (the first value is

@@ -22,8 +22,8 @@ from seedstory.config import resolve_path
 from seedstory.data.datasets import StorySampleDataset, collate_story_samples
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop, unwrap_trained,
+    count_parameters, export, global_mean, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args,
+    resume, train_loop, unwrap_trained,
 )
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",
@@ -92,14 +92,21 @@ def main(argv=None) -> str:
     agent, optimizer, scheduler = acc.prepare(agent, optimizer, scheduler)
     start = resume(acc, out) if args.resume else 0
 
+    scales = acc.unwrap_model(agent)
+
     def losses(batch):
+        # Each process's means weighted by its share of the label tokens and target pictures: N processes
+        # train (and log) what one process would with their whole batch.
+        tokens = (batch["labels"][:, 1:] != -100).sum()
         if text_only:
             result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=None)
-            return {"lm_loss": result["lm_loss"]}
+            return {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
         with torch.no_grad():
             image_embeds = vit(batch["pixel_values"].to(acc.device))
         result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)
-        return {k: result[k] for k in ("total_loss", "lm_loss", "rec_loss")}
+        lm = global_mean(acc, result["lm_loss"], tokens)
+        rec = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())
+        return {"total_loss": scales.lm_loss_scale * lm + scales.rec_loss_scale * rec, "lm_loss": lm, "rec_loss": rec}
 
     train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
     trained = unwrap_trained(acc, agent)

@@ -5,10 +5,12 @@
 * ``ImageDataset`` — stages 0/1: every frame image, as ViT input and as SDXL-style de-tokenizer target with
   its ``time_ids``.
 
-Both read the jsonl line by line (a dataset larger than memory works), shard lines across processes
-(``rank``/``world_size``) and DataLoader workers so each story is used by exactly one of them, shuffle with
-a bounded buffer, and are deterministic for (seed, epoch): a resumed run that skips the batches already
-seen gets the same data. One pass over the file is one epoch; ``set_epoch`` reseeds the next. Broken
+Both read the jsonl line by line (a dataset larger than memory works), shuffle with a bounded buffer, and
+are deterministic for (seed, epoch): a resumed run that skips the batches already seen gets the same data.
+Across processes (``rank``/``world_size``) and DataLoader workers, ``ImageDataset`` shards the lines (each
+story is used by exactly one of them); ``StorySampleDataset`` shards the samples of the one stream a single
+process would read, so N processes with batch B train on exactly one process's batches of N x B (without
+DataLoader workers; with them, the same samples in another order). One pass over the file is one epoch; ``set_epoch`` reseeds the next. Broken
 records (bad JSON, missing fields, length mismatch, unreadable images) are skipped and counted in
 ``skipped``, never raised halfway through an epoch.
 """
@@ -75,9 +77,9 @@ class _JsonlStream(IterableDataset):
         shard, shards = self._shard()
         return random.Random(f"{self.seed}/{self.epoch}/{shard}/{shards}")
 
-    def records(self) -> Iterator[dict]:
-        """This shard's valid records, in file order."""
-        shard, shards = self._shard()
+    def records(self, every: bool = False) -> Iterator[dict]:
+        """This shard's valid records (``every``: all of them), in file order."""
+        shard, shards = (0, 1) if every else self._shard()
         with open(self.jsonl, "rb") as f:  # bytes: a line of invalid UTF-8 is one bad record, not a crash
             for i, line in enumerate(f):
                 if i % shards != shard or not line.strip():
@@ -98,9 +100,9 @@ class _JsonlStream(IterableDataset):
                     continue
                 yield rec
 
-    def shuffled(self, rng: random.Random) -> Iterator[dict]:
+    def shuffled(self, rng: random.Random, every: bool = False) -> Iterator[dict]:
         buf: list = []
-        for rec in self.records():
+        for rec in self.records(every):
             buf.append(rec)
             if len(buf) >= self.shuffle_buffer:
                 yield buf.pop(rng.randrange(len(buf)))
@@ -151,19 +153,29 @@ class StorySampleDataset(_JsonlStream):
             raise ValueError("max_frames must be at least 2 (one given frame and the target)")
         self.target_image_resolution = target_image_resolution
 
-    def sample(self, rec: dict, rng: random.Random) -> Optional[dict]:
-        captions, images = rec["captions"], rec["images"]
-        n = len(captions)
+    def choose(self, rec: dict, rng: random.Random) -> Optional[tuple[int, int]]:
+        """``(target frame, frames given before it)`` for a sample of ``rec`` (None: the story is too short)."""
+        n = len(rec["captions"])
         span = min(n, self.max_frames) if self.max_frames else n
         if span < self.min_given + 2:
-            self.skipped["too short"] += 1
             return None
         if self.opening_share and rng.random() < self.opening_share:
             target = rng.randint(self.min_given + 1, span - 1)  # the window: the opening .. target
-            num_given = target - 1
-        else:
-            num_given = rng.randint(self.min_given, span - 2)
-            target = rng.randint(num_given + 1, n - 1)
+            return target, target - 1
+        num_given = rng.randint(self.min_given, span - 2)
+        return rng.randint(num_given + 1, n - 1), num_given
+
+    def sample(self, rec: dict, rng: random.Random) -> Optional[dict]:
+        choice = self.choose(rec, rng)
+        if choice is None:
+            self.skipped["too short"] += 1
+            return None
+        return self.build(rec, *choice)
+
+    def build(self, rec: dict, target: int, num_given: int) -> Optional[dict]:
+        """The sample whose window ends at ``target`` with ``num_given`` frames before it (fewer when it is too
+        long); None when it cannot be made."""
+        captions, images = rec["captions"], rec["images"]
         while num_given >= self.min_given:
             first = target - num_given - 1
             window = [str(c) for c in captions[first: target + 1]]
@@ -190,11 +202,23 @@ class StorySampleDataset(_JsonlStream):
         return out
 
     def __iter__(self):
-        rng = self._rng()
-        for rec in self.shuffled(rng):
-            sample = self.sample(rec, rng)
-            if sample is not None:
-                yield sample
+        # Every process and worker walks the one stream a single process would (the same shuffle, the same random
+        # windows) and makes every shards-th sample: N processes with batch B see exactly the samples of one
+        # process with batch N x B, step by step.
+        shard, shards = self._shard()
+        rng = random.Random(f"{self.seed}/{self.epoch}/0/1")
+        k = 0
+        for rec in self.shuffled(rng, every=True):
+            choice = self.choose(rec, rng)
+            if choice is None:
+                if shard == 0:
+                    self.skipped["too short"] += 1
+                continue
+            k += 1
+            if (k - 1) % shards == shard:
+                sample = self.build(rec, *choice)
+                if sample is not None:
+                    yield sample
 
 
 class ImageDataset(_JsonlStream):
