@@ -8,6 +8,10 @@ JSON) are retried with exponential backoff and jitter, waiting at least as long 
 header asks. Other 4xx answers are not retried: they raise :class:`ChatError` naming the status at once.
 
 The API key goes only into the ``Authorization`` header; it is scrubbed from every error message.
+
+Why not the ``openai`` package: its retries cover the HTTP errors alone, and the judge must also retry a 200
+whose body is not a chat completion (local servers send those), say a refused connection at once before any
+answer, and keep the key out of every message; those are most of this file, so it would wrap, not replace, it.
 """
 from __future__ import annotations
 
