@@ -389,12 +389,14 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
     """``torchrun --nproc_per_node 2`` on CPUs (gloo): the two processes join as ranks 0 and 1 of 2 (without a GPU,
     accelerate used to leave each alone as "rank 0 of 1", training its own copy and racing on the export), log
     each step once, and train the model one process trains with the same global batch: the same samples, the same
-    loss curve and learning rates, and weights equal within float tolerance; one export, which loads."""
+    loss curve and learning rates, and weights equal within float tolerance; one export, which loads. Stopped
+    after a checkpoint and resumed under two processes, the run goes on along the same curve."""
     from seedstory.pipeline import SeedStoryPipeline
 
-    def launch(run, launcher, *overrides):
+    def launch(run, launcher, *overrides, resume=False):
         cmd = [*launcher, "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
-               f"output_dir={run}", "log_with=[]", "train.max_steps=4", *data_overrides(world), *overrides]
+               *(["--resume"] if resume else []), f"output_dir={run}", "log_with=[]", "train.max_steps=4",
+               "train.checkpoint_every=2", *data_overrides(world), *overrides]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -412,6 +414,14 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
         curve_two, curve_one = losses(tmp_path / "two", column)[1], losses(tmp_path / "one", column)[1]
         assert curve_two == pytest.approx(curve_one, rel=1e-4), column
     assert two.count("exported") == 1
+    # Stopped after step 2 and resumed under the same two processes: the same curve to the end.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    launch(tmp_path / "split", torchrun, "train.stop_after=2")
+    assert losses(tmp_path / "split", "lm_loss")[0] == [1, 2]
+    launch(tmp_path / "split", torchrun, resume=True)
+    steps_split, curve_split = losses(tmp_path / "split", "total_loss")
+    assert steps_split == [1, 2, 3, 4]
+    assert curve_split == pytest.approx(losses(tmp_path / "two", "total_loss")[1], rel=1e-5)
     # Adam divides by the gradients' own scale, so float noise in a near-zero gradient moves a weight by up to
     # about 1e-5 here: far below one step of the learning rate (2e-3).
     trained = [SeedStoryPipeline.from_pretrained(str(tmp_path / run / "final")).agent.state_dict()
