@@ -390,7 +390,8 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
     accelerate used to leave each alone as "rank 0 of 1", training its own copy and racing on the export), log
     each step once, and train the model one process trains with the same global batch: the same samples, the same
     loss curve and learning rates, and weights equal within float tolerance; one export, which loads. Stopped
-    after a checkpoint and resumed under two processes, the run goes on along the same curve."""
+    after a checkpoint and resumed under two processes, the run goes on along the same curve; two "nodes" (two
+    launches on this machine) train the same model too."""
     from seedstory.pipeline import SeedStoryPipeline
 
     def launch(run, launcher, *overrides, resume=False):
@@ -422,6 +423,19 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
     steps_split, curve_split = losses(tmp_path / "split", "total_loss")
     assert steps_split == [1, 2, 3, 4]
     assert curve_split == pytest.approx(losses(tmp_path / "two", "total_loss")[1], rel=1e-5)
+    # Two "nodes" on this machine (two launches, node ranks 0 and 1, the main one at 127.0.0.1): the same curve.
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29535",
+                               "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
+                               f"output_dir={tmp_path / 'nodes'}", "log_with=[]", "train.max_steps=4",
+                               *data_overrides(world)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT,
+                                                                           OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sorted(re.findall(r"process (\d+) of (\d+)", outs[0][0] + outs[1][0])) == [("0", "2"), ("1", "2")]
+    assert losses(tmp_path / "nodes", "total_loss")[1] == pytest.approx(losses(tmp_path / "one", "total_loss")[1],
+                                                                         rel=1e-4)
     # Adam divides by the gradients' own scale, so float noise in a near-zero gradient moves a weight by up to
     # about 1e-5 here: far below one step of the learning rate (2e-3).
     trained = [SeedStoryPipeline.from_pretrained(str(tmp_path / run / "final")).agent.state_dict()
