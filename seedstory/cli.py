@@ -157,6 +157,9 @@ def cmd_download(args) -> int:
             bar.close()
     report = diagnose(cfg)
     print(report.format())
+    if args.to:
+        print(f"the files are in {os.path.abspath(args.to)}: run the app with SEEDSTORY_RELEASE_ROOT="
+              f"{os.path.abspath(args.to)}, or add --set release.root={os.path.abspath(args.to)} to a command")
     return 0 if report.ok else 1
 
 
