@@ -556,6 +556,10 @@ class StoryEngine:
         finally:
             jobs.put(None)
             painter.join()
+            while not done.empty():  # the writer stopped early (an error, a closed generator): keep what was painted
+                frame, image = done.get()
+                if not isinstance(image, BaseException):
+                    frame.image = image
 
     def _paint_alone(self, features, seed, settings) -> Image.Image:
         """A picture painted beside the writing: the de-tokenizer's own lock, not the LLM's."""
