@@ -267,7 +267,10 @@ class SeedStoryPipeline:
         elif source == "pretrained":
             pipe = cls.from_pretrained(resolve_path(cfg.path), device="cpu" if low_vram else device,
                                        torch_dtype=dtype)
-            pipe.settings = settings if cfg.get("generation") else pipe.settings
+            if cfg.get("generation"):  # the preset's (or --set's) values over the folder's own, key by key
+                from omegaconf import OmegaConf
+
+                pipe.settings = pipe.settings.replace(**OmegaConf.to_container(cfg.generation, resolve=True))
         elif source == "release":
             from .checkpoints.release import load_release_pipeline
 

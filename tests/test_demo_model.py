@@ -39,3 +39,16 @@ def test_the_demo_model_continues_a_world_story():
     # regenerating the picture with its own seed repeats it exactly
     again = engine.regenerate(tree, frames[-1].id, part="image", seed=frames[-1].seed)
     assert again.image.tobytes() == frames[-1].image.tobytes()
+
+
+def test_a_model_folder_keeps_its_own_settings_under_an_override():
+    """``--preset <folder> --set generation.X=...`` changes X only: the folder's sampling, repetition controls and
+    context source stay (they used to fall back to the defaults, so a benchmark of a model folder decoded greedily
+    and looped)."""
+    from seedstory.pipeline import SeedStoryPipeline
+
+    folder = resolve_path("assets/demo-model")
+    own = SeedStoryPipeline.from_pretrained(folder).settings
+    changed = SeedStoryPipeline.from_preset(folder, ["generation.num_inference_steps=1"]).settings
+    assert changed == own.replace(num_inference_steps=1)
+    assert changed.do_sample and changed.no_repeat_captions == own.no_repeat_captions > 0
