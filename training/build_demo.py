@@ -4,7 +4,7 @@
     python -m training.build_demo --launcher "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
 
 Stages that do not wait for each other run at the same time (``--jobs``, 2 by default): stage 1 (the
-de-tokenizer) and stage 2 (the agent) both start from stage 0b. Their output then goes to
+de-tokenizer) runs beside stages 2t and 2 (the agent's text, then the agent). Their output then goes to
 ``<work>/<stage>.log`` and the build prints each one's progress every minute.
 Every step is skipped when its output exists and resumed from its latest checkpoint when it was
 interrupted, so re-running the command after a crash (or ``kill -9``) continues the build. The configs
@@ -29,15 +29,18 @@ from seedstory.atomic import write_dir
 from seedstory.config import REPO_ROOT, resolve_path
 
 # (stage, module, the stage whose export it starts from, the stage whose de-tokenizer it takes).
-# Stage 2 trains the agent on the stage-0b visual tokenizer's features and never touches the de-tokenizer,
-# so it does not wait for stage 1 (they run side by side); stage 3 joins stage 2's agent with stage 1's
-# de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual tokenizer: loading
-# a saved model draws other random numbers than making one, so its read-out head would start elsewhere.
+# Stage 2t teaches the agent's LLM the stories' text alone (the release starts from an LLM that knows its
+# language); stage 2 then trains the agent on the stage-0b visual tokenizer's features. Neither touches the
+# de-tokenizer, so they do not wait for stage 1 (they run beside it); stage 3 joins stage 2's agent with
+# stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
+# tokenizer: loading a saved model draws other random numbers than making one, so its read-out head would
+# start elsewhere.
 STAGES = [
     ("stage0", "training.stage0_vae", None, None),
     ("stage0v", "training.stage0_vit", "stage0", None),
     ("stage1", "training.stage1_detokenizer", "stage0v", None),
-    ("stage2", "training.stage2_agent", "stage0v", None),
+    ("stage2t", "training.stage2_agent", "stage0v", None),
+    ("stage2", "training.stage2_agent", "stage2t", None),
     ("stage3", "training.stage3_adapt", "stage2", "stage1"),
 ]
 CONFIG_DIR = "configs/train/demo"
