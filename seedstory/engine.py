@@ -458,9 +458,7 @@ class StoryEngine:
         settings = self._settings(settings)
         seed = settings.seed if seed is None else seed
         with self.lock:
-            state = self.state_after(tree, parent.id)
-            w = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
-                            recent=self._recent(tree, parent.id, settings))
+            state, w = self._write_after(tree, parent.id, settings, seed, progress, should_stop)
             image = self._paint(w.features, seed, settings, progress)
             frame = self._add(tree, parent.id, w.text, image, w.features, w.ids, seed, settings, origin)
             self._remember(tree, state, frame, w.text_kv)
@@ -510,7 +508,7 @@ class StoryEngine:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 while (job := jobs.get()) is not None:
                     try:
-                        done.put((job, self._paint_alone(job.paint_features, job.seed, settings)))
+                        done.put((job, self._paint(job.paint_features, job.seed, settings)))
                     except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                         done.put((job, e))
 
@@ -542,9 +540,7 @@ class StoryEngine:
                     break
                 self._check_room(tree, parent.id)
                 with self.lock:
-                    state = self.state_after(tree, parent.id)
-                    w = self._write(state, settings, seed, progress=progress, should_stop=should_stop,
-                                    recent=self._recent(tree, parent.id, settings))
+                    state, w = self._write_after(tree, parent.id, settings, seed, progress, should_stop)
                     frame = self._add(tree, parent.id, w.text, None, w.features, w.ids, seed, settings, "generated")
                     self._remember(tree, state, frame, w.text_kv)
                 jobs.put(frame)
@@ -561,10 +557,11 @@ class StoryEngine:
                 if not isinstance(image, BaseException):
                     frame.image = image
 
-    def _paint_alone(self, features, seed, settings) -> Image.Image:
-        """A picture painted beside the writing: the de-tokenizer's own lock, not the LLM's."""
-        with self.paint_lock:
-            return self.pipe.paint(features, seed=seed, settings=settings)
+    def _write_after(self, tree, parent_id, settings, seed, progress, should_stop) -> tuple[ContextState, Written]:
+        """The context after ``parent_id`` and the next frame's text written on it (call under ``lock``)."""
+        state = self.state_after(tree, parent_id)
+        return state, self._write(state, settings, seed, progress=progress, should_stop=should_stop,
+                                  recent=self._recent(tree, parent_id, settings))
 
     def _remember(self, tree: StoryTree, parent_state: ContextState, frame: Frame, text_kv: tuple = ()) -> None:
         if self.mode == "recompute":
