@@ -144,6 +144,12 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.val):
         print(f"error: no validation split at {args.val}; see this script's docstring", file=sys.stderr)
         return 1
+    world_file = os.path.join(os.path.dirname(args.val), "world.json")
+    try:
+        world = E.load_world(world_file) if os.path.isfile(world_file) else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problem = claim_output(args.out, run_signature(args))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -154,8 +160,6 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     if report.failed:
         print(f"{len(report.failed)} stories failed: {report.failed[:3]}", file=sys.stderr)
-    world = E.load_world(os.path.join(os.path.dirname(args.val), "world.json")) \
-        if os.path.isfile(os.path.join(os.path.dirname(args.val), "world.json")) else None
     analysis = E.analyze(E.saved_stories(stories_dir), world)
     gaps = sorted(frame_seconds(stories_dir))
     result = {

@@ -62,3 +62,19 @@ def test_an_output_folder_never_mixes_two_runs(tmp_path, capsys):
     assert bench.main(common + ["--fresh"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert not result["text_only"] and result["stories"] == 1
+
+
+def test_a_world_file_left_by_another_version_of_the_world_is_refused_before_any_story(tmp_path, capsys):
+    """The analyzer reads pictures by world.json's colours: a stale file (an extra colour here) would misread
+    every background, so the bench stops before spending its half hour."""
+    world = tmp_path / "world"
+    write_dataset(str(world), stories=3, frames=2, size=128, seed=2, workers=1, progress=False)
+    stale = json.loads((world / "world.json").read_text())
+    stale["colours"]["yellow"] = [250, 220, 40]
+    (world / "world.json").write_text(json.dumps(stale))
+    out = tmp_path / "bench"
+    assert load_bench().main(["--val", str(world / "val.jsonl"), "--images", str(world / "images"), "--stories", "1",
+                              "--frames", "1", "--out", str(out), "--text-only"]) == 2
+    err = capsys.readouterr().err
+    assert "another version of the synthetic world (its colours differ" in err and "seedstory.data.synthetic" in err
+    assert not (out / "stories").exists() or not os.listdir(out / "stories")

@@ -295,10 +295,20 @@ def dataset_stories(jsonl: str, image_root: str, limit: int = 0, max_frames: int
 
 
 def load_world(path: Optional[str]) -> Optional[dict]:
+    """A dataset's ``world.json``, which must be the world this package draws: the analyzer reads pictures by
+    its colours and calibration, and a file left by another version of the world misreads them (one with two
+    retired colours made 30% of a bench's backgrounds unrecognisable). Raises ValueError naming what differs."""
     if not path:
         return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        world = json.load(f)
+    current = S.world_json()
+    if world != current:
+        differ = sorted(k for k in set(world) | set(current) if world.get(k) != current.get(k))
+        raise ValueError(f"{path} was written by another version of the synthetic world (its {', '.join(differ)} "
+                         "differ from this package's); regenerate the data with python -m seedstory.data.synthetic "
+                         "(same --out), or analyze without it")
+    return world
 
 
 # ============================================================================================= self-check
@@ -618,7 +628,11 @@ def add_arguments(sub) -> None:
 
 
 def run(args) -> int:
-    world = load_world(getattr(args, "world", None))
+    try:
+        world = load_world(getattr(args, "world", None))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.what == "stories":
         if not os.path.isdir(args.dir):
             print(f"error: {args.dir} is not a folder of stories", file=sys.stderr)
