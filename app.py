@@ -245,17 +245,6 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
     def model_status():
         return logic.model_report(holder)
 
-    def configure(decoding="preset", temperature=0.7, top_p=0.9, steps=0, guidance=0.0, scheduler=None,
-                  mode="window", window=0, seed=None, repetition_penalty=0.0, no_repeat_captions=None,
-                  repetition_scope=None, candidates=0, context_from=None):
-        """All generation settings at once, in the order of ``settings`` below (0 or empty means the preset's
-        default; -1 turns ``no_repeat_captions`` off)."""
-        return logic.UISettings(
-            decoding=decoding, temperature=temperature, top_p=top_p, steps=steps, guidance=guidance,
-            scheduler=scheduler, mode=mode, window=window, seed=seed, repetition_penalty=repetition_penalty,
-            no_repeat_captions=no_repeat_captions, repetition_scope=repetition_scope, candidates=candidates,
-            context_from=context_from)
-
     # Gradio's copies of uploads and outputs older than an hour are deleted every hour.
     with gr.Blocks(title="SEED-Story", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         session = gr.State(None, delete_callback=lambda s: logic.close_session(s, holder))  # a visitor has gone
@@ -317,7 +306,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 load_btn = gr.Button("Load model", visible=allow_model_switch)
                 model_info = gr.Markdown()
             with gr.Row():
-                decoding = gr.Radio(["preset", "greedy", "sampling"], value="preset",
+                decoding = gr.Radio(list(logic.DECODINGS), value="preset",
                                     label="Text decoding (preset: the model's own default)")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
@@ -351,8 +340,16 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 load_file = gr.File(label="Load a saved session (.zip)", file_types=[".zip"], type="filepath")
                 load_story_btn = gr.Button("Load session")
 
-        settings = [decoding, temperature, top_p, steps, guidance, scheduler, mode, window, seed, repetition, no_repeat,
-                    scope, candidates, context_from]
+        # UISettings field -> its widget; /configure takes the values in this order (0 or empty: the preset's)
+        fields = dict(decoding=decoding, temperature=temperature, top_p=top_p, steps=steps, guidance=guidance,
+                      scheduler=scheduler, mode=mode, window=window, seed=seed, repetition_penalty=repetition,
+                      no_repeat_captions=no_repeat, repetition_scope=scope, candidates=candidates,
+                      context_from=context_from)
+        settings = list(fields.values())
+
+        def configure(*values):
+            return logic.UISettings(**dict(zip(fields, values)))
+
         view = [session, board, frame_img, frame_text, frame_info, frame_sel, tree_view, status, versions]
         for widget in settings:
             widget.change(configure, settings, [ui], api_name=False)

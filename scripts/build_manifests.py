@@ -1,9 +1,8 @@
 #!/usr/bin/env python
-"""Dev-only: regenerate ``seedstory/checkpoints/manifests/*.json.gz`` from the reference manifests.
+"""Dev-only: regenerate ``seedstory/checkpoints/manifests/*.json.gz`` from full key manifests.
 
-The reference manifests (``../shared/reference/manifests/*.json`` beside the repository, produced by building
-the reference modules at full size on the ``meta`` device) list every state-dict key of each released
-weight file with its shape, role and expected dtype. This script packs each into a small gzipped JSON that
+A full manifest (one JSON per released weight file, made by building the release's reference modules at full
+size on the ``meta`` device) lists every state-dict key of the file with its shape, role and expected dtype. This script packs each into a small gzipped JSON that
 ships with the package, so nothing outside the package is read at run time or in tests:
 
     {"name": ..., "file": <path under ./pretrained>, "summary": {counts, configs},
@@ -12,7 +11,7 @@ ships with the package, so nothing outside the package is read at run time or in
 role: "t" trainable, "f" frozen (requires_grad=False), "b" persistent buffer, "p" plain parameter dump.
 dtype: "f32", "bf16", or "?" (depends on how the file was made).
 
-Usage:  python scripts/build_manifests.py [--src ../shared/reference/manifests]
+Usage:  python scripts/build_manifests.py --src DIR_OF_FULL_MANIFESTS
 """
 from __future__ import annotations
 
@@ -20,6 +19,8 @@ import argparse
 import gzip
 import json
 import os
+
+from seedstory.atomic import write_file
 
 NAMES = ["agent_seed_story_george_sft", "agent_seedx_pretrained", "detokenizer_pretrained",
          "detokenizer_george_adapted", "qwen_vit_G"]
@@ -57,15 +58,18 @@ def build(src: str, out: str) -> None:
         packed = {"name": name, "file": summary["file"], "summary": summary, "keys": keys}
         path = os.path.join(out, name + ".json.gz")
         data = json.dumps(packed, separators=(",", ":"), sort_keys=False).encode()
-        with open(path, "wb") as f:  # mtime=0: byte-identical output on every run
+
+        def fill(f, data=data):  # mtime=0: byte-identical output on every run
             with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
                 gz.write(data)
+
+        write_file(path, fill)
         print(f"{path}: {len(keys)} keys, {os.path.getsize(path)} bytes")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default=os.path.join(HERE, "..", "..", "shared", "reference", "manifests"))
+    ap.add_argument("--src", required=True, help="folder of the full manifests (<name>.json each)")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     build(args.src, args.out)

@@ -36,6 +36,9 @@ PART_CHOICES = [("new text and picture", "both"), ("new text (its picture repain
                 ("new picture (same text)", "image")]
 
 
+DECODINGS = ("preset", "greedy", "sampling")  # the preset's own decoding, or one chosen in the panel
+
+
 @dataclass
 class UISettings:
     """The settings panel, as plain values (what the widgets hold)."""
@@ -63,10 +66,10 @@ class UISettings:
 
     def generation(self, base: GenerationSettings) -> GenerationSettings:
         decoding = {}
-        if self.decoding in ("greedy", "sampling"):
+        if self.decoding in DECODINGS[1:]:
             decoding = dict(do_sample=self.decoding == "sampling", temperature=self.temperature, top_p=self.top_p)
         elif self.decoding != "preset":
-            raise ValueError(f"unknown text decoding {self.decoding!r}: preset, greedy or sampling")
+            raise ValueError(f"unknown text decoding {self.decoding!r}: {', '.join(DECODINGS)}")
         return base.replace(
             **decoding,
             num_inference_steps=int(self.steps) if self.steps else None,

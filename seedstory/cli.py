@@ -27,7 +27,7 @@ def default_preset() -> str:
     return "tiny"
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults come from the preset)")
     g.add_argument("--seed", type=int, help="seed for text sampling and painting (same seed, same story)")
     g.add_argument("--sample", action="store_true", help="sample the text instead of greedy decoding")
@@ -59,7 +59,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--mode", choices=["window", "sink", "recompute"], help="how the context is kept (default window)")
 
 
-def _settings_from_args(pipe, args):
+def settings_from_args(pipe, args):
     return pipe.settings.replace(
         seed=args.seed, do_sample=True if args.sample else None, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -85,7 +85,7 @@ def cmd_generate(args) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "story.json")):
         raise StoryError(f"{args.out} exists and is not a saved story; choose another --out")
     pipe = SeedStoryPipeline.from_preset(args.preset or default_preset(), args.set)
-    settings = _settings_from_args(pipe, args)
+    settings = settings_from_args(pipe, args)
     if args.frames + 1 > settings.max_frames:
         raise StoryError(f"--frames {args.frames} would pass this preset's limit of {settings.max_frames} frames "
                          f"(the opening counts); use at most {settings.max_frames - 1}")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=4, help="frames to generate after the opening")
     p.add_argument("--out", required=True, help="output folder (or .zip): story.json + one PNG per frame")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. runtime.dtype=bf16")
-    _add_generation_args(p)
+    add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert the released weights to our from_pretrained format")

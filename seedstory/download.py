@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from .checkpoints.files import CheckpointError
 from .checkpoints.layout import RELEASE_FILES
-from .checkpoints.qwen_vl import _INDEXES as QWEN_INDEXES
+from .checkpoints.qwen_vl import INDEXES as QWEN_INDEXES
 from .checkpoints.release import (missing_release_files, plain_config, release_agent_config, release_entries,
                                   release_paths, release_root)
 from .checkpoints.release_agent import LLAMA_WEIGHTS, base_shards_needed

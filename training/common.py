@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from seedstory.atomic import write_dir
+from seedstory.atomic import write_dir, write_json
 from seedstory.config import resolve_path
 from seedstory.pipeline import SeedStoryPipeline
 
@@ -31,6 +31,16 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return p.parse_args(argv)
+
+
+def start_stage(doc: str, argv=None):
+    """What every stage does first: its command line (the docstring's second line describes it), the config with
+    its overrides, the accelerator (and the run folder), then the model to start from.
+    Returns (args, cfg, accelerator, out_dir, pipe)."""
+    args = parse_args(doc.splitlines()[1], argv)
+    cfg = load_config(args.config, args.overrides)
+    acc, out = make_accelerator(cfg)
+    return args, cfg, acc, out, load_pipeline(cfg)
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
@@ -134,8 +144,7 @@ def save_checkpoint(accelerator, out_dir: str, step: int, keep: int = 2) -> None
     accelerator.save_state(path)
     if accelerator.is_main_process:
         # Written last: a checkpoint without it (killed mid-save) is never resumed from.
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
+        write_json(os.path.join(path, "trainer_state.json"), {"step": step, "time": time.time()})
         for old in checkpoint_dirs(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -193,6 +202,26 @@ def make_optimizer(params, t: DictConfig):
                             betas=tuple(t.get("betas", (0.9, 0.999))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(t.get("warmup_steps", 0)), int(t.max_steps)))
     return opt, sched
+
+
+def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
+    """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate."""
+    optimizer, scheduler = make_optimizer(model.parameters(), t)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+def image_loader(cfg: DictConfig, pipe: SeedStoryPipeline, accelerator, resolution: int, random_crop: bool = False):
+    """Single pictures of ``data.train_jsonl`` at ``resolution`` (stages 0, 0b and 1), each process its share."""
+    from torch.utils.data import DataLoader
+
+    from seedstory.data.datasets import ImageDataset, collate_images
+
+    d, t = cfg.data, cfg.train
+    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
+                           random_crop=random_crop, seed=int(t.get("seed", 0)), rank=accelerator.process_index,
+                           world_size=accelerator.num_processes)
+    return DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
+                      collate_fn=collate_images)
 
 
 # -- models ------------------------------------------------------------------------------------------------

@@ -16,14 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
-from seedstory.config import resolve_path
-from seedstory.data.datasets import ImageDataset, collate_images
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args, resume,
-    train_loop, unwrap_trained,
+    count_parameters, export, image_loader, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
 
 
@@ -44,11 +40,8 @@ class ReadoutObjective(nn.Module):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.splitlines()[1], argv)
-    cfg = load_config(args.config, args.overrides)
-    acc, out = make_accelerator(cfg)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
     t, d = cfg.train, cfg.data
-    pipe = load_pipeline(cfg)
     vit = pipe.visual_tokenizer.train()
     vit.requires_grad_(True)
     with torch.no_grad():
@@ -56,12 +49,8 @@ def main(argv=None) -> str:
     model = ReadoutObjective(vit, probe.shape[1], probe.shape[2], int(t.get("target_size", 32)))
     acc.print(f"visual tokenizer + read-out: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
-    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
-                           seed=int(t.get("seed", 0)), rank=acc.process_index, world_size=acc.num_processes)
-    loader = DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
-                        collate_fn=collate_images)
-    optimizer, scheduler = make_optimizer(model.parameters(), t)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    loader = image_loader(cfg, pipe, acc, resolution)
+    model, optimizer, scheduler = prepare_training(acc, model, t)
     start = resume(acc, out) if args.resume else 0
 
     def losses(batch):

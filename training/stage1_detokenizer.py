@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler
-from torch.utils.data import DataLoader
 
-from seedstory.config import resolve_path
-from seedstory.data.datasets import ImageDataset, collate_images
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, make_weight_average,
-    parse_args, resume, train_loop, unwrap_trained,
+    count_parameters, export, image_loader, make_weight_average, prepare_training, resume, start_stage, train_loop,
+    unwrap_trained,
 )
 from .detok_training import (
     DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
@@ -31,11 +28,8 @@ from .detok_training import (
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.splitlines()[1], argv)
-    cfg = load_config(args.config, args.overrides)
-    acc, out = make_accelerator(cfg)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
     t, d = cfg.train, cfg.data
-    pipe = load_pipeline(cfg)
     vit, detok = pipe.visual_tokenizer, pipe.detokenizer
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
     joint = bool(t.get("train_visual_tokenizer", False))
@@ -47,13 +41,8 @@ def main(argv=None) -> str:
     vae = detok.vae.eval().to(acc.device)
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
-    dataset = ImageDataset(resolve_path(d.train_jsonl), resolve_path(d.image_root), pipe.image_processor, resolution,
-                           random_crop=bool(d.get("random_crop", False)), seed=int(t.get("seed", 0)),
-                           rank=acc.process_index, world_size=acc.num_processes)
-    loader = DataLoader(dataset, batch_size=int(t.batch_size), num_workers=int(d.get("num_workers", 0)),
-                        collate_fn=collate_images)
-    optimizer, scheduler = make_optimizer(model.parameters(), t)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    loader = image_loader(cfg, pipe, acc, resolution, random_crop=bool(d.get("random_crop", False)))
+    model, optimizer, scheduler = prepare_training(acc, model, t)
     average = make_weight_average(acc, model, t)
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))

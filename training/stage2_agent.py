@@ -22,8 +22,7 @@ from seedstory.config import resolve_path
 from seedstory.data.datasets import StorySampleDataset, collate_story_samples
 
 from .common import (
-    count_parameters, export, global_mean, load_config, load_pipeline, make_accelerator, make_optimizer, parse_args,
-    resume, train_loop, unwrap_trained,
+    count_parameters, export, global_mean, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",
@@ -66,11 +65,8 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.splitlines()[1], argv)
-    cfg = load_config(args.config, args.overrides)
-    acc, out = make_accelerator(cfg)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
     t = cfg.train
-    pipe = load_pipeline(cfg)
     agent, vit = pipe.agent, pipe.visual_tokenizer
     vit.requires_grad_(False).eval().to(acc.device)
     for key in ("lm_loss_scale", "rec_loss_scale"):
@@ -88,8 +84,7 @@ def main(argv=None) -> str:
         agent.llm.gradient_checkpointing_enable()
     acc.print(f"agent: {count_parameters(agent)}")
     loader = build_data(cfg, pipe, acc)
-    optimizer, scheduler = make_optimizer(agent.parameters(), t)
-    agent, optimizer, scheduler = acc.prepare(agent, optimizer, scheduler)
+    agent, optimizer, scheduler = prepare_training(acc, agent, t)
     start = resume(acc, out) if args.resume else 0
 
     scales = acc.unwrap_model(agent)

@@ -13,8 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from .common import (
-    count_parameters, export, load_config, load_pipeline, make_accelerator, make_optimizer, make_weight_average,
-    parse_args, resume, train_loop, unwrap_trained,
+    count_parameters, export, make_weight_average, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
 from .detok_training import (
     DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
@@ -23,11 +22,8 @@ from .stage2_agent import BATCH_KEYS, build_data
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.splitlines()[1], argv)
-    cfg = load_config(args.config, args.overrides)
-    acc, out = make_accelerator(cfg)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
     t, d = cfg.train, cfg.data
-    pipe = load_pipeline(cfg)
     vit, agent, detok = pipe.visual_tokenizer, pipe.agent, pipe.detokenizer
     for frozen in (vit, agent):
         frozen.requires_grad_(False).eval().to(acc.device)
@@ -38,8 +34,7 @@ def main(argv=None) -> str:
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
     loader = build_data(cfg, pipe, acc, target_image_resolution=resolution)
-    optimizer, scheduler = make_optimizer(model.parameters(), t)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare_training(acc, model, t)
     average = make_weight_average(acc, model, t)  # train.ema_decay, as in stage 1
     start = resume(acc, out) if args.resume else 0
     draws = int(t.get("noise_draws", 1))  # as in stage 1

@@ -23,7 +23,7 @@ from .validation import check_state_dict, first_few
 
 VISUAL_PREFIX = "transformer.visual."
 OUT_NAME = "qwen_vit_G"
-_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SHARD_NUMBER = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin)$")
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin")
 
@@ -46,7 +46,7 @@ def find_visual_shards(src: str) -> tuple[list[str], Optional[dict[str, str]], l
         raise CheckpointError(f"{src}: not found (--qwen-vl-chat must be the folder of a Qwen-VL-Chat download)")
     if not os.path.isdir(src):
         raise _wrong_folder(src, "is a file, not a folder")
-    for name in _INDEXES:
+    for name in INDEXES:
         path = os.path.join(src, name)
         if os.path.isfile(path):
             weight_map = read_json(path, "weight index").get("weight_map")

@@ -113,7 +113,7 @@ def cmd_judge(args) -> int:
 
 # -- generate --------------------------------------------------------------------------------------------
 def _add_generate(sub) -> None:
-    from ..cli import _add_generation_args
+    from ..cli import add_generation_args
     from ..config import list_presets
 
     p = sub.add_parser("generate", help="make stories from the first frame of each validation story",
@@ -129,16 +129,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="only the first N good lines")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. runtime.dtype=bf16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_generation_args(p)
+    add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
-    from ..cli import _settings_from_args
+    from ..cli import settings_from_args
     from .generate import generate_stories
 
     report = generate_stories(args.val, args.images, args.out, preset=args.preset, frames=args.frames,
-                              overrides=args.set, configure=lambda pipe: _settings_from_args(pipe, args),
+                              overrides=args.set, configure=lambda pipe: settings_from_args(pipe, args),
                               mode=args.mode or "window", limit=args.limit, progress=not args.no_progress)
     if not report.main:  # under a launch, rank 0 speaks for all
         return 0 if report.complete_after == report.total else 1

@@ -126,7 +126,7 @@ def discover_stories(root: str) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"{root} is not a folder of stories")
     found: dict[str, str] = {}
     for entry in sorted(os.listdir(root)):
-        if entry.startswith(".") or entry.endswith((".old", ".tmp")):
+        if entry.startswith("."):  # hidden, including an interrupted save's partial copy
             continue
         full = os.path.join(root, entry)
         if os.path.isdir(full):

@@ -252,6 +252,8 @@ class SeedStoryAgent(nn.Module):
             scores = logits[None].clone()  # [1, V]
             if penalty is not None and seen:
                 scores = penalty(torch.tensor([sorted(seen)], device=logits.device), scores)
+            # Own masks: the minimum length bans the picture's start as well as EOS (transformers' processor knows
+            # EOS alone), and the image tokens never appear inside a caption.
             scores[:, banned] = float("-inf")
             if len(ids) < cfg.min_new_tokens:
                 scores[:, eos_id] = float("-inf")
