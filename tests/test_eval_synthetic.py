@@ -152,6 +152,32 @@ def test_reconstruction_check_runs_on_the_tiny_preset(world_data):
     assert result["scene_exact"] == 0.0 and len(result["examples"]) == 3
 
 
+def test_redrawn_scenes_count_the_props_held_and_lying(stories):
+    """The tally behind roundtrip / reconstruct / predict: the true pictures keep every prop; the same pictures
+    with each prop painted over in its surroundings' colour keep none (characters untouched)."""
+    frames = [(im, t) for _, fr, truths in stories for (_, im), t in zip(fr, truths)
+              if t["props"] or any(c["holding"] for c in t["characters"])][:12]
+    true, wiped = E._SceneTally(None), E._SceneTally(None)
+    for k, (im, t) in enumerate(frames):
+        true.add(str(k), im, t)
+        arr = np.asarray(im).copy()
+        for name in W.PROP_NAMES:  # every pixel of a prop's colour becomes the pixel just below the frame's middle
+            mask = (np.abs(arr.astype(int) - W.COLOURS[W.PROPS[name]["colour"]]).sum(-1) < 40)
+            arr[mask] = arr[-3, 2]
+        wiped.add(str(k), Image.fromarray(arr), t)
+    assert true.result()["held_props"] == 1.0 and true.result()["ground_props"] == 1.0
+    assert wiped.result()["held_props"] == 0.0 and wiped.result()["ground_props"] == 0.0
+    assert wiped.result()["characters"] == 1.0
+
+
+def test_vae_roundtrip_check_runs_on_the_tiny_preset(world_data, capsys):
+    result = E.roundtrip(*world_data, preset="tiny", frames=2, progress=False)
+    assert result["frames"] == 2 and result["scene_exact"] == 0.0  # an untrained VAE keeps nothing
+    jsonl, images = world_data
+    assert E.main(["roundtrip", jsonl, "--images", images, "--preset", "tiny", "--frames", "1"]) == 0
+    assert "1 frames round-tripped" in capsys.readouterr().out
+
+
 def test_the_apps_world_examples_are_faithful_openings():
     """The demo's examples in the app are the synthetic world's openings: each caption parses and says what the
     picture shows."""

@@ -5,6 +5,7 @@ judge model.
     python -m seedstory.eval.synthetic stories DIR             # generated stories (``eval generate``'s output)
     python -m seedstory.eval.synthetic truth VAL.jsonl --images ROOT     # the data itself (must score ~100%)
     python -m seedstory.eval.synthetic self-check VAL.jsonl --images ROOT  # ground truth vs corrupted frames
+    python -m seedstory.eval.synthetic roundtrip VAL.jsonl --images ROOT --preset demo    # the VAE alone
     python -m seedstory.eval.synthetic reconstruct VAL.jsonl --images ROOT --preset demo  # stage-1 fidelity
     python -m seedstory.eval.synthetic predict VAL.jsonl --images ROOT --preset demo      # the agent's next frame
 
@@ -27,6 +28,8 @@ What is measured, over the frames after the opening (the opening is the user's, 
 * **signs of trouble**, as rates of frames (lower is better): a blank picture (neither a recognisable setting
   nor a figure), a caption that repeats one of the last four (two-frame loops), repeats the previous one, or is
   empty.
+* **VAE fidelity** (``roundtrip``) — held-out frames encoded and decoded by the de-tokenizer's VAE alone, read
+  back the same way: what it loses, no de-tokenizer working in its latents can paint.
 * **reconstruction fidelity** (``reconstruct``) — held-out frames through the visual tokenizer and the
   de-tokenizer (stage 1, no agent): the redrawn scene (setting, who stands where holding what, props on the
   ground) read back and compared with the frame's ground truth.
@@ -462,6 +465,14 @@ class _SceneTally:
         c["characters"] += sum(g.get(p) == n for p, n in w.items())
         c["characters_total"] += len(w)
         c["extra_figures"] += sum(1 for p in g if p not in w)
+        held = {(f["position"], f["name"]): f["holding"] for f in got["characters"]}
+        for f in want["characters"]:
+            if f["holding"]:
+                c["held_props"] += held.get((f["position"], f["name"])) == f["holding"]
+                c["held_props_total"] += 1
+        lying = {p["position"]: p["name"] for p in got["props"]}
+        c["ground_props"] += sum(lying.get(p["position"]) == p["name"] for p in want["props"])
+        c["ground_props_total"] += len(want["props"])
         if diffs and len(self.examples) < 10:
             self.examples.append({"frame": key, "diffs": diffs})
 
@@ -470,13 +481,40 @@ class _SceneTally:
         n = max(1, c["frames"])
         return {"frames": c["frames"], "scene_exact": c["exact"] / n, "setting": c["setting"] / n,
                 "characters": c["characters"] / max(1, c["characters_total"]),
-                "extra_figures_per_frame": c["extra_figures"] / n, "examples": self.examples}
+                "extra_figures_per_frame": c["extra_figures"] / n,
+                "held_props": c["held_props"] / c["held_props_total"] if c["held_props_total"] else None,
+                "ground_props": c["ground_props"] / c["ground_props_total"] if c["ground_props_total"] else None,
+                "examples": self.examples}
 
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="frame", disable=not enabled)
+
+
+@torch.no_grad()
+def roundtrip(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
+              seed: int = 0, world: Optional[dict] = None, progress: bool = True) -> dict:
+    """The VAE alone: ``frames`` held-out frames encoded (the posterior's mode) and decoded, read back and compared
+    with the ground truth. Nothing the VAE loses can be painted by any de-tokenizer that works in its latents."""
+    from ..pipeline import SeedStoryPipeline
+
+    vae = SeedStoryPipeline.from_preset(preset, overrides).detokenizer.vae
+    items = [(f"{name}/{k}", im, t) for name, fr, truths in dataset_stories(jsonl, image_root)
+             for k, ((_, im), t) in enumerate(zip(fr, truths))]
+    order = np.random.default_rng(seed).permutation(len(items))[:frames]
+    tally, bar = _SceneTally(world), _progress(len(order), "roundtrip", progress)
+    for j in order:
+        key, image, truth = items[int(j)]
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        x = x.to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0].float().clamp(-1, 1)
+        redrawn = Image.fromarray(((y + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+        tally.add(key, redrawn, truth)
+        bar.update(1)
+    bar.close()
+    return tally.result()
 
 
 def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
@@ -605,6 +643,7 @@ def add_arguments(sub) -> None:
     p.add_argument("--stories", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     for name, help_text in (
+        ("roundtrip", "the VAE alone: frames -> encode -> decode -> read (what no de-tokenizer can get back)"),
         ("reconstruct", "stage-1 fidelity: frames -> visual tokenizer -> de-tokenizer -> read"),
         ("predict", "the agent's next-frame fidelity: real story so far -> agent's features -> de-tokenizer -> read"),
     ):
@@ -639,7 +678,7 @@ def run(args) -> int:
             return 1
         report = analyze(saved_stories(args.dir, args.max_frames), world, progress=True)
         result, text = report.to_dict(), report.markdown()
-    elif args.what in ("truth", "self-check", "reconstruct", "predict", "logic"):
+    elif args.what in ("truth", "self-check", "roundtrip", "reconstruct", "predict", "logic"):
         for path in (args.jsonl, args.images):
             if not os.path.exists(path):
                 print(f"error: {path} not found", file=sys.stderr)
@@ -665,6 +704,9 @@ def run(args) -> int:
                 text = (f"teacher-forced story logic {rate} of {result['judged']} captions ({result['unparsed']} did "
                         "not parse); most common problems: "
                         + "; ".join(f"{k} x{v}" for k, v in result["problems"].items()))
+            elif args.what == "roundtrip":
+                result = roundtrip(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
+                                   args.frames, args.seed, world)
             elif args.what == "reconstruct":
                 result = reconstruct(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                      args.frames, args.seed, world)
@@ -672,10 +714,12 @@ def run(args) -> int:
                 result = predict(args.jsonl, args.images, args.preset or default_preset(), args.overrides,
                                  args.frames, args.seed, args.window, world)
             if args.what != "logic":
-                done = "redrawn" if args.what == "reconstruct" else "predicted"
+                done = {"roundtrip": "round-tripped", "reconstruct": "redrawn"}.get(args.what, "predicted")
+                rate = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
                 text = (f"{result['frames']} frames {done}: scene exact {result['scene_exact']:.1%}, setting "
-                        f"{result['setting']:.1%}, characters {result['characters']:.1%}, extra figures/frame "
-                        f"{result['extra_figures_per_frame']:.2f}")
+                        f"{result['setting']:.1%}, characters {result['characters']:.1%}, held props "
+                        f"{rate(result['held_props'])}, props on the ground {rate(result['ground_props'])}, extra "
+                        f"figures/frame {result['extra_figures_per_frame']:.2f}")
     _write(args.out, result)
     _print(result, args.json, text)
     return 0
