@@ -11,9 +11,8 @@ The world (``seedstory.data.world``): six characters with unique (shape, colour,
 six settings, five props, three positions, five actions. A story is a state machine: a setting, who is
 present where holding what, what lies on the ground of each place. Frame 0 describes the opening scene;
 every later frame applies one or two events (arrive, leave, move, swap, pick up, fetch, drop, give, an
-action, or travel) whose caption sentences always state what the frame shows, then says what the picture
-holds: who stands where holding what, and what lies on the ground. The setting changes only on a travel event,
-whose caption names the new place.
+action, or travel) whose caption sentences always state what the frame shows. The setting changes only on
+a travel event, whose caption names the new place.
 
 For the analyzer:
 
@@ -428,25 +427,6 @@ class _Story:
             return s, {"type": "travel", "setting": dest, "characters": names}, set(names), set()
         raise ValueError(kind)
 
-    def picture_sentences(self, ground: bool = True) -> list[str]:
-        """What the frame shows once its events happened: who stands where holding what, then what lies on the
-        ground (``ground=False`` when the caption already said it). A reader, and a small agent writing with a
-        window of a few frames, knows the scene from the last caption alone. Fixed templates: the story's
-        random draws, and so its pictures, do not depend on these sentences."""
-        out = []
-        for pos in POSITIONS:
-            name = self.char_at(pos)
-            if name:
-                held = self.chars[name]["holding"]
-                kind, slots = ("stand_holding", {"p": held}) if held else ("stand", {})
-                out.append(TEMPLATES[kind][0].format(c=name, at=AT_PHRASE[pos], **slots))
-        for pos in POSITIONS if ground else ():
-            prop = self.here().get(pos)
-            if prop:
-                art = PROPS[prop]["article"]
-                out.append(TEMPLATES["lies"][0].format(AP=f"{art.capitalize()} {prop}", at=AT_PHRASE[pos]))
-        return out
-
     def step(self, allow_travel: bool) -> tuple[list[str], list[dict]]:
         self.actions = {}
         cands = self.candidates(set(), set(), allow_travel)
@@ -463,8 +443,7 @@ class _Story:
                 s2, e2, _, _ = self.apply(ev2)
                 sentences += s2
                 events.append(e2)
-        # a travel caption already says what lies in the new place
-        return sentences + self.picture_sentences(ground=ev[0] != "travel"), events
+        return sentences, events
 
     def truth(self, events: list[dict]) -> dict:
         order = {p: i for i, p in enumerate(POSITIONS)}
