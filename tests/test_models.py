@@ -303,3 +303,64 @@ def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipe
         off.replace(repetition_scope="letters")
     with pytest.raises(Exception, match="repetition_penalty"):
         off.replace(repetition_penalty=0.5)
+
+
+def test_decoded_text_carries_its_log_probability_under_the_model():
+    """``TextResult.logprob`` is the sum of the model's own log-probabilities (before penalty or warping) of the
+    tokens it wrote and of the stop token; ``mean_logprob`` counts the stop token too."""
+    from seedstory.models.agent import DecodingConfig
+
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    logits, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    eos = tok.eos_token_id
+    cfg = DecodingConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=6, repetition_penalty=1.5)
+    result = agent.decode_text(logits, kv, pf.image_ids, eos, cfg, torch.Generator().manual_seed(3))
+    # the same tokens scored again, one by one, by the model alone
+    expected, step_logits, cache = 0.0, logits, kv
+    chosen = result.ids + ([] if result.stop == "length" else [pf.image_ids.boi if result.stop == "image" else eos])
+    for k, token in enumerate(chosen):
+        expected += float(torch.log_softmax(step_logits.float(), -1)[token])
+        if k < len(result.ids):
+            step_logits, _, cache = agent.prefill(torch.tensor([token]), kv=cache, start_pos=len(ids) + k)
+    assert result.logprob == pytest.approx(expected, abs=1e-4) and result.logprob < 0
+    assert result.mean_logprob == pytest.approx(expected / len(chosen), abs=1e-4)
+
+
+def test_engine_keeps_the_likeliest_of_its_caption_candidates(tiny_pipeline, opening_image, monkeypatch):
+    """``caption_candidates: k`` draws k captions and keeps the one the agent finds likeliest per token; a draw
+    repeating a recent caption is not a candidate; greedy draws one; k = 1 is the single draw as before."""
+    from seedstory.engine import StoryEngine
+
+    engine = StoryEngine(tiny_pipeline, mode="window", window=4)
+    tree = engine.start(opening_image, "Pim is on the left.")
+    opening = tree.get(tree.current)
+    base = tiny_pipeline.settings.replace(do_sample=True, max_new_tokens=8, num_inference_steps=1)
+    agent, real_decode, draws = tiny_pipeline.agent, tiny_pipeline.agent.decode_text, []
+    scripted = iter([-5.0, -1.0, -3.0, -9.0, -0.5, -2.0])
+
+    def decode(*args, **kwargs):
+        result = real_decode(*args, **kwargs)
+        result.logprob = next(scripted) * max(1, len(result.ids) + (result.stop != "length"))
+        draws.append(result)
+        return result
+
+    monkeypatch.setattr(agent, "decode_text", decode)
+    frame = engine.step(tree, opening.id, settings=base.replace(caption_candidates=3), seed=5)
+    assert len(draws) == 3 and frame.text == engine.display_text(draws[1].ids)  # mean log-probability -1 of -5, -1, -3
+    assert frame.token_ids[: len(draws[1].ids)] == draws[1].ids  # the context holds the caption it kept
+    draws.clear()
+    # the likeliest draw (-0.5) repeats the opening caption: the next likeliest of the others (-2) is kept
+    real_display = engine.display_text
+    monkeypatch.setattr(engine, "display_text",
+                        lambda ids: "Pim is on the left." if len(draws) >= 2 and ids == draws[1].ids else real_display(ids))
+    guarded = base.replace(caption_candidates=2, no_repeat_captions=2)
+    frame = engine.step(tree, opening.id, settings=guarded, seed=6)
+    assert len(draws) == 3 and frame.text == real_display(draws[2].ids)
+    monkeypatch.setattr(engine, "display_text", real_display)
+    draws.clear()
+    scripted = iter([-1.0] * 4)
+    engine.step(tree, opening.id, settings=base.replace(do_sample=False, caption_candidates=4), seed=5)
+    assert len(draws) == 1  # greedy: another draw would be the same caption
+    with pytest.raises(Exception, match="caption_candidates"):
+        base.replace(caption_candidates=0)
