@@ -324,9 +324,6 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                 candidates = gr.Slider(0, 8, value=0, step=1,
                                        label="Pictures painted per frame, the closest to the agent's features kept "
                                              "(0: preset default)")
-                caption_candidates = gr.Slider(0, 8, value=0, step=1,
-                                               label="Captions drawn per frame when sampling, the likeliest kept "
-                                                     "(0: preset default)")
             with gr.Row():
                 mode = gr.Radio(logic.CONTEXT_MODES, value="window", label="Context")
                 window = gr.Slider(0, 16, value=0, step=1, label="Frames kept in context (0: preset default)")
@@ -347,7 +344,6 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         fields = dict(decoding=decoding, temperature=temperature, top_p=top_p, steps=steps, guidance=guidance,
                       scheduler=scheduler, mode=mode, window=window, seed=seed, repetition_penalty=repetition,
                       no_repeat_captions=no_repeat, repetition_scope=scope, candidates=candidates,
-                      caption_candidates=caption_candidates,
                       context_from=context_from)
         settings = list(fields.values())
 

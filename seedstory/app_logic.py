@@ -56,7 +56,6 @@ class UISettings:
     no_repeat_captions: Optional[int] = None  # -1 = off; None/empty/0 = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
     candidates: Optional[int] = None  # pictures painted per frame, the closest kept; None/0 = the preset's
-    caption_candidates: Optional[int] = None  # captions drawn per frame, the likeliest kept; None/0 = the preset's
     context_from: Optional[str] = None  # features | picture; None/empty = the preset's
 
     def _no_repeat(self) -> Optional[int]:
@@ -81,7 +80,6 @@ class UISettings:
             no_repeat_captions=self._no_repeat(),
             repetition_scope=self.repetition_scope or None,
             candidates=int(self.candidates) if self.candidates else None,
-            caption_candidates=int(self.caption_candidates) if self.caption_candidates else None,
             context_from=self.context_from or None,
         )
 

@@ -41,9 +41,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-repeat-captions", type=int, metavar="N",
                    help="when sampling, draw a caption again (up to 3 more times) while it repeats one of the last N "
                         "(0: off; the demo preset uses its own)")
-    g.add_argument("--caption-candidates", type=int, metavar="K",
-                   help="when sampling, captions drawn per frame; the one the agent finds likeliest is kept (1: off; "
-                        "k times the text's work)")
     g.add_argument("--candidates", type=int, metavar="K",
                    help="pictures painted per frame; the one the visual tokenizer reads back closest to the story's "
                         "features is kept (1: off; k times the painting time)")
@@ -68,7 +65,7 @@ def settings_from_args(pipe, args):
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, window=args.window, repetition_penalty=args.repetition_penalty,
         repetition_scope=args.repetition_scope, no_repeat_captions=args.no_repeat_captions,
-        candidates=args.candidates, caption_candidates=args.caption_candidates, context_from=args.context_from,
+        candidates=args.candidates, context_from=args.context_from,
     )
 
 

@@ -144,10 +144,6 @@ class GenerationSettings:
     # the features it was painted from is kept, as DALL-E reranked its samples with CLIP. 1 = off. They are
     # painted as one batch: k times the de-tokenizer's work and memory.
     candidates: int = 1
-    # Captions drawn per frame when sampling; the one the agent itself finds likeliest (mean log-probability per
-    # token under its own distribution) is kept: a sampled caption's slips are usually its unlikely tokens. Those
-    # repeating a recent caption (no_repeat_captions) are drawn again. 1 = off; k times the text's work.
-    caption_candidates: int = 1
     # What a generated frame's picture puts into the context: "features", the agent's predicted features (the
     # release), or "picture", the painted picture read back by the visual tokenizer (the features the agent
     # learned to read from; the picture the person sees). The opening is always its picture's.
@@ -183,8 +179,6 @@ class GenerationSettings:
              f"repetition_scope must be one of {', '.join(REPETITION_SCOPES)}"),
             (0 <= self.no_repeat_captions <= 100, "no_repeat_captions must be between 0 (off) and 100"),
             (1 <= self.candidates <= MAX_CANDIDATES, f"candidates must be between 1 (off) and {MAX_CANDIDATES}"),
-            (1 <= self.caption_candidates <= MAX_CANDIDATES,
-             f"caption_candidates must be between 1 (off) and {MAX_CANDIDATES}"),
             (self.context_from in CONTEXT_SOURCES, f"context_from must be one of {', '.join(CONTEXT_SOURCES)}"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),

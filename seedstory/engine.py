@@ -375,21 +375,14 @@ class StoryEngine:
                 progress("writing text", 0.0)
             avoid = repeated_captions(recent, settings)
             penalized = self._penalized(recent[-1] if recent else None, settings)
-            wanted = settings.caption_candidates if settings.do_sample else 1  # greedy draws one caption
-            drawn = []  # (result, text) of the captions that repeat no recent one
-            for _ in range(wanted + (CAPTION_RETRIES if avoid else 0)):
+            for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
                 # the generator moves on, so each try draws another caption; the cache is not changed by a try
                 result = agent.decode_text(state.logits, state.parts, prompt.image_ids, prompt.eos_id, cfg, generator,
                                            should_stop=should_stop, start_pos=state.next_pos, recent=penalized,
                                            word_forms=forms)
                 text = self.display_text(result.ids)
-                stopped = should_stop is not None and should_stop()
-                if caption_key(text) not in avoid or stopped:
-                    drawn.append((result, text))
-                if len(drawn) == wanted or stopped:
+                if caption_key(text) not in avoid or (should_stop is not None and should_stop()):
                     break
-            if drawn:  # otherwise every draw repeated a recent caption: the last one stands
-                result, text = max(drawn, key=lambda d: d[0].mean_logprob)  # the first of equals
             text_ids, kv = result.ids, result.kv
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]

@@ -61,14 +61,6 @@ class TextResult:
     stop: str  # "image" (the model opened an image), "eos" or "length"
     kv: KV
     next_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # [V] after the last fed token
-    # Sum of log p(token) under the model's own distribution (before any penalty or warping) over ``ids`` and the
-    # stop token that ended them ("length": ``ids`` alone).
-    logprob: float = 0.0
-
-    @property
-    def mean_logprob(self) -> float:
-        """Per token (the stop token counts): captions of different lengths compare on one scale."""
-        return self.logprob / max(1, len(self.ids) + (self.stop != "length"))
 
 
 class SeedStoryAgent(nn.Module):
@@ -256,7 +248,6 @@ class SeedStoryAgent(nn.Module):
         warpers = self._warpers(cfg)
         # Tokens are written into one preallocated cache in place: a token's cost does not grow with the story.
         cache = KVWorkspace(kv, room=cfg.max_new_tokens + len(image_ids.block))
-        logprob = 0.0
         while True:
             scores = logits[None].clone()  # [1, V]
             if penalty is not None and seen:
@@ -268,17 +259,16 @@ class SeedStoryAgent(nn.Module):
                 scores[:, eos_id] = float("-inf")
                 scores[:, image_ids.boi] = float("-inf")
             token = self._pick(scores, warpers, generator)
-            logprob += float(torch.log_softmax(logits.float(), dim=-1)[token])
             if token == image_ids.boi:
-                return TextResult(ids, "image", cache.snapshot(), logits, logprob)
+                return TextResult(ids, "image", cache.snapshot(), logits)
             if token == eos_id:
-                return TextResult(ids, "eos", cache.snapshot(), logits, logprob)
+                return TextResult(ids, "eos", cache.snapshot(), logits)
             ids.append(token)
             remember(token)
             logits, _, cache = self.prefill(torch.tensor([token]), kv=cache, start_pos=pos)
             pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
-                return TextResult(ids, "length", cache.snapshot(), logits, logprob)
+                return TextResult(ids, "length", cache.snapshot(), logits)
 
     @torch.no_grad()
     def image_block(
