@@ -284,6 +284,22 @@ def test_processes_share_out_the_samples_of_one_stream(dataset_files, word_token
     assert [sorted(a + b) for a, b in zip(rank0, rank1)] == one
 
 
+def test_processes_share_out_the_pictures_of_one_stream(dataset_files):
+    """The same for single pictures, random crops included: each crop belongs to the picture's place in the one
+    stream, not to the process that loads it."""
+    def batches(rank, world, size):
+        ds = ImageDataset(*dataset_files, ImageProcessor(14), resolution=8, random_crop=True, seed=3,
+                          shuffle_buffer=5, rank=rank, world_size=world)
+        items = [(round(float(s["pixel_values"][:, 1].mean()), 3), tuple(s["time_ids"].tolist()),
+                  tuple(s["sd_pixel_values"].flatten()[:6].tolist())) for s in ds]
+        return [sorted(items[i:i + size]) for i in range(0, len(items), size)]
+
+    one = batches(0, 1, 4)
+    rank0, rank1 = batches(0, 2, 2), batches(1, 2, 2)
+    assert len(one) == len(rank0) == len(rank1) == 12
+    assert [sorted(a + b) for a, b in zip(rank0, rank1)] == one
+
+
 def test_sdxl_resize_crop_on_a_non_square_image():
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 150, 100))  # left half blue, right half red

@@ -385,6 +385,31 @@ def test_stage0_vit_learns_image_dependent_features(world, tmp_path):
     assert features.std(dim=0).mean() > 0.05 * features.std()
 
 
+def test_two_cpu_processes_train_the_visual_tokenizer_as_one(world, tmp_path):
+    """Stage 0b under ``torchrun --nproc_per_node 2`` (gloo), batch 2 each, against one process with batch 4: the
+    same pictures step by step (ImageDataset shards one stream), so the same loss curve and one export that loads."""
+    from seedstory.pipeline import SeedStoryPipeline
+
+    def launch(run, launcher, *overrides):
+        cmd = [*launcher, "-m", "training.stage0_vit", "--config", os.path.join(CONFIGS, "tiny-stage0v.yaml"),
+               f"output_dir={run}", "log_with=[]", "train.max_steps=4", "train.checkpoint_every=4",
+               *data_overrides(world), *overrides]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    two = launch(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29536"], "train.batch_size=2")
+    assert sorted(re.findall(r"process (\d+) of (\d+)", two)) == [("0", "2"), ("1", "2")]
+    launch(tmp_path / "one", [sys.executable], "train.batch_size=4")
+    steps, curve_two = losses(tmp_path / "two", "loss")
+    assert steps == [1, 2, 3, 4]
+    assert curve_two == pytest.approx(losses(tmp_path / "one", "loss")[1], rel=1e-4)
+    assert two.count("exported") == 1
+    SeedStoryPipeline.from_pretrained(str(tmp_path / "two" / "final"))
+
+
 def test_two_cpu_processes_train_one_model_together(world, tmp_path):
     """``torchrun --nproc_per_node 2`` on CPUs (gloo): the two processes join as ranks 0 and 1 of 2 (without a GPU,
     accelerate used to leave each alone as "rank 0 of 1", training its own copy and racing on the export), log

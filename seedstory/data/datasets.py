@@ -7,10 +7,9 @@
 
 Both read the jsonl line by line (a dataset larger than memory works), shuffle with a bounded buffer, and
 are deterministic for (seed, epoch): a resumed run that skips the batches already seen gets the same data.
-Across processes (``rank``/``world_size``) and DataLoader workers, ``ImageDataset`` shards the lines (each
-story is used by exactly one of them); ``StorySampleDataset`` shards the samples of the one stream a single
-process would read, so N processes with batch B train on exactly one process's batches of N x B (without
-DataLoader workers; with them, the same samples in another order). One pass over the file is one epoch; ``set_epoch`` reseeds the next. Broken
+Across processes (``rank``/``world_size``) and DataLoader workers, both shard the items of the one stream a
+single process would read, so N processes with batch B train on exactly one process's batches of N x B (without
+DataLoader workers; with them, the same items in another order). One pass over the file is one epoch; ``set_epoch`` reseeds the next. Broken
 records (bad JSON, missing fields, length mismatch, unreadable images) are skipped and counted in
 ``skipped``, never raised halfway through an epoch.
 """
@@ -232,17 +231,27 @@ class ImageDataset(_JsonlStream):
         self.image_processor, self.resolution, self.random_crop = image_processor, int(resolution), bool(random_crop)
 
     def __iter__(self):
-        rng = self._rng()
+        # As StorySampleDataset: every process and worker walks the one stream of pictures a single process would
+        # and loads every shards-th; a random crop is drawn from the picture's own place in that stream, so N
+        # processes with batch B see exactly one process's batches of N x B.
+        shard, shards = self._shard()
+        rng = random.Random(f"{self.seed}/{self.epoch}/0/1")
         buf: list = []
+        k = 0
 
         def emit(rel):
+            nonlocal k
+            k += 1
+            if (k - 1) % shards != shard:
+                return None
             picture = self.load_image(rel)
             if picture is None:
                 return None
-            sd, time_ids = sdxl_resize_crop(picture, self.resolution, rng if self.random_crop else None)
+            crop = random.Random(f"{self.seed}/{self.epoch}/crop/{k}") if self.random_crop else None
+            sd, time_ids = sdxl_resize_crop(picture, self.resolution, crop)
             return {"pixel_values": self.image_processor(picture)[0], "sd_pixel_values": sd, "time_ids": time_ids}
 
-        for rec in self.shuffled(rng):
+        for rec in self.shuffled(rng, every=True):
             for rel in rec["images"]:
                 buf.append(rel)
                 if len(buf) >= self.shuffle_buffer:
