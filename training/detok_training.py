@@ -70,25 +70,47 @@ def repeat_draws(x: torch.Tensor, draws: int) -> torch.Tensor:
     return x if draws <= 1 else x.repeat(draws, *([1] * (x.dim() - 1)))
 
 
-def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float) -> torch.Tensor:
+def sample_generators(batch: dict) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by its place in the data stream (``batch["sample_seed"]``): a sample's
+    crop, noise, timestep and dropout do not depend on which process or batch holds it, so N processes train what
+    one process does with their whole batch, and a resumed run draws what the uninterrupted one did."""
+    return [torch.Generator().manual_seed(int(s)) for s in batch["sample_seed"]]
+
+
+def per_sample(generators: list[torch.Generator], draw, like: torch.Tensor) -> torch.Tensor:
+    """``draw(generator)`` for each sample's generator, stacked along a new dim 1 and flattened into the batch
+    dim: each draw's [m, ...] values become rows ``d * B + i``, the order ``repeat_draws`` gives ``m`` repeats of
+    the batch. On ``like``'s device and dtype."""
+    values = torch.stack([draw(g) for g in generators], dim=1)  # [m, B, ...]
+    return values.reshape(-1, *values.shape[2:]).to(like.device, like.dtype)
+
+
+def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float,
+                   generators: list[torch.Generator]) -> torch.Tensor:
     """Replace each sample's features by ``negative`` (the zero-image features that inference uses as
     the classifier-free-guidance negative) with probability ``p``, so guidance > 1 has a trained
-    unconditional branch to push away from. Draws from the global torch RNG (checkpointed by accelerate)."""
+    unconditional branch to push away from. ``features`` holds m repeats of the generators' batch."""
     if p <= 0:
         return features
-    drop = torch.rand(features.shape[0], device=features.device) < p  # [B]
+    m = features.shape[0] // len(generators)
+    drop = per_sample(generators, lambda g: torch.rand(m, generator=g), features) < p  # [m * B]
     return torch.where(drop[:, None, None], negative.to(features.dtype).expand_as(features), features)
 
 
 @torch.no_grad()
-def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator=None, draws: int = 1):
-    """VAE-encode images in [-1, 1], add DDPM noise at uniformly drawn timesteps. ``draws`` > 1 noises each
-    encoded image that many times (independent noise and timestep; the batch is repeated, ``repeat_draws``
-    does the same to the conditions): on a CPU the VAE encoder costs as much as the small UNet's forward and
-    backward, so reusing each encoding buys UNet samples cheaply."""
-    latents = vae.encode(sd_pixel_values.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
-    latents = repeat_draws(latents, draws)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                      generator=generator)
+def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generators: list[torch.Generator],
+                  draws: int = 1):
+    """VAE-encode images in [-1, 1] (a sample of each posterior), add DDPM noise at uniformly drawn timesteps,
+    every draw from the sample's own generator. ``draws`` > 1 noises each encoded image that many times
+    (independent noise and timestep; the batch is repeated, ``repeat_draws`` does the same to the conditions): on
+    a CPU the VAE encoder costs as much as the small UNet's forward and backward, so reusing each encoding buys
+    UNet samples cheaply."""
+    dist = vae.encode(sd_pixel_values.to(vae.dtype)).latent_dist
+    shape = dist.mean.shape[1:]
+    eps = per_sample(generators, lambda g: torch.randn(1, *shape, generator=g), dist.mean)
+    latents = repeat_draws((dist.mean + dist.std * eps) * vae.config.scaling_factor, draws)
+    noise = per_sample(generators, lambda g: torch.randn(draws, *shape, generator=g), latents)
+    total = noise_scheduler.config.num_train_timesteps
+    t = per_sample(generators, lambda g: torch.randint(0, total, (draws,), generator=g),
+                   torch.empty(0, dtype=torch.long, device=latents.device))
     return noise_scheduler.add_noise(latents, noise, t), t, noise

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from .detok_training import per_sample, sample_generators
 from .common import (
     count_parameters, export, image_loader, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
@@ -45,9 +46,17 @@ class AutoencoderObjective(nn.Module):
         super().__init__()
         self.vae, self.kl_weight, self.mse_weight, self.detail_weight = vae, kl_weight, mse_weight, detail_weight
 
-    def forward(self, images: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, generators: Optional[list] = None) -> dict:
+        """``generators``: one per image for the posterior's sample (its own draw, in any batch); None: the
+        global torch RNG."""
         posterior = self.vae.encode(images).latent_dist
-        recon = self.vae.decode(posterior.sample()).sample
+        if generators is None:
+            z = posterior.sample()
+        else:
+            shape = posterior.mean.shape[1:]
+            z = posterior.mean + posterior.std * per_sample(generators, lambda g: torch.randn(1, *shape, generator=g),
+                                                            posterior.mean)
+        recon = self.vae.decode(z).sample
         error = recon.float() - images.float()
         w = detail_weights(images, self.detail_weight) if self.detail_weight else 1.0
         l1 = (error.abs() * w).mean()
@@ -56,14 +65,15 @@ class AutoencoderObjective(nn.Module):
         return {"loss": l1 + self.mse_weight * mse + self.kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
 
 
-def random_crops(images: torch.Tensor, size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One random ``size`` crop per image (the whole image when it is not larger)."""
+def random_crops(images: torch.Tensor, size: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """One random ``size`` crop per image, drawn from its own generator (the whole image when it is not larger)."""
     _, _, h, w = images.shape
     if h <= size and w <= size:
         return images
-    tops = torch.randint(0, h - size + 1, (images.shape[0],), generator=generator).tolist()
-    lefts = torch.randint(0, w - size + 1, (images.shape[0],), generator=generator).tolist()
-    return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, tops, lefts)])
+    corners = [(int(torch.randint(0, h - size + 1, (1,), generator=g)), int(torch.randint(0, w - size + 1, (1,),
+                                                                                               generator=g)))
+               for g in generators]
+    return torch.stack([im[:, t:t + size, l:l + size] for im, (t, l) in zip(images, corners)])
 
 
 @torch.no_grad()
@@ -95,8 +105,8 @@ def main(argv=None) -> str:
     crop = int(d.get("crop") or resolution)
 
     def losses(batch):
-        # Crops come from the global torch RNG, which accelerate checkpoints: a resumed run draws the same ones.
-        return model(random_crops(batch["sd_pixel_values"], crop).to(acc.device))
+        generators = sample_generators(batch)  # each picture's crop and latent sample are its own
+        return model(random_crops(batch["sd_pixel_values"], crop, generators).to(acc.device), generators)
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vae", start, losses)
     vae = unwrap_trained(acc, model).vae.eval()

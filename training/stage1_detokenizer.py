@@ -23,7 +23,8 @@ from .common import (
     unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, per_sample, repeat_draws, sample_generators,
+    set_detokenizer_trainable,
 )
 
 
@@ -49,20 +50,21 @@ def main(argv=None) -> str:
     draws = int(t.get("noise_draws", 1))
 
     def losses(batch):
+        generators = sample_generators(batch)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
-                                                  draws=draws)
+                                                  generators, draws=draws)
         pixels = batch["pixel_values"].to(acc.device)
         time_ids = repeat_draws(batch["time_ids"].to(acc.device), draws)
         if joint:
             pixels = repeat_draws(pixels, draws)
             # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
-            keep = (torch.rand(pixels.shape[0], device=pixels.device) >= dropout).to(pixels.dtype)
+            keep = (per_sample(generators, lambda g: torch.rand(draws, generator=g), pixels) >= dropout).to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
             return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
             features = repeat_draws(vit(pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
-                features = drop_condition(features, vit.unconditional_features(), dropout)
+                features = drop_condition(features, vit.unconditional_features(), dropout, generators)
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)

@@ -16,7 +16,7 @@ from .common import (
     count_parameters, export, make_weight_average, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, sample_generators, set_detokenizer_trainable,
 )
 from .stage2_agent import BATCH_KEYS, build_data
 
@@ -42,14 +42,15 @@ def main(argv=None) -> str:
     dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
 
     def losses(batch):
+        generators = sample_generators(batch)
         with torch.no_grad():
             image_embeds = vit(batch["pixel_values"].to(acc.device))
             regressed = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds,
                               return_recon_image_embeds=True)["recon_image_embeds"]
             if dropout > 0:
-                regressed = drop_condition(regressed, vit.unconditional_features(), dropout)
+                regressed = drop_condition(regressed, vit.unconditional_features(), dropout, generators)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
-                                                  draws=draws)
+                                                  generators, draws=draws)
         return {"loss": model(latents, timesteps, noise, repeat_draws(batch["time_ids"].to(acc.device), draws),
                               features=repeat_draws(regressed, draws))}
 

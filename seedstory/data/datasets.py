@@ -15,6 +15,7 @@ records (bad JSON, missing fields, length mismatch, unreadable images) are skipp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -217,6 +218,7 @@ class StorySampleDataset(_JsonlStream):
             if (k - 1) % shards == shard:
                 sample = self.build(rec, *choice)
                 if sample is not None:
+                    sample["sample_seed"] = sample_seed(self.seed, self.epoch, k)
                     yield sample
 
 
@@ -249,7 +251,8 @@ class ImageDataset(_JsonlStream):
                 return None
             crop = random.Random(f"{self.seed}/{self.epoch}/crop/{k}") if self.random_crop else None
             sd, time_ids = sdxl_resize_crop(picture, self.resolution, crop)
-            return {"pixel_values": self.image_processor(picture)[0], "sd_pixel_values": sd, "time_ids": time_ids}
+            return {"pixel_values": self.image_processor(picture)[0], "sd_pixel_values": sd, "time_ids": time_ids,
+                    "sample_seed": sample_seed(self.seed, self.epoch, k)}
 
         for rec in self.shuffled(rng, every=True):
             for rel in rec["images"]:
@@ -263,6 +266,13 @@ class ImageDataset(_JsonlStream):
             item = emit(rel)
             if item is not None:
                 yield item
+
+
+def sample_seed(seed: int, epoch: int, k: int) -> torch.Tensor:
+    """The seed of the k-th item of an epoch's stream (``"sample_seed"`` in every item): the item's random draws in
+    training (crop, noise, timestep, dropout) follow it, whichever process or batch holds the item."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{k}".encode(), digest_size=8).digest()
+    return torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.int64)
 
 
 def _pad_stack(seqs: Sequence[torch.Tensor], value) -> torch.Tensor:
@@ -287,7 +297,7 @@ def collate_story_samples(samples: Sequence[dict], pad_id: int) -> dict:
     }
     if "pixel_values" in samples[0]:  # text-only samples have none
         batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
-    for key in ("sd_pixel_values", "time_ids"):
+    for key in ("sd_pixel_values", "time_ids", "sample_seed"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     return batch
