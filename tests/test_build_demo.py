@@ -137,3 +137,23 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     # stages 1 and 2t wait for the same stage (0b), so they start side by side, each writing its own log
     assert (tmp_path / "work" / "stage1.log").is_file() and (tmp_path / "work" / "stage2t.log").is_file()
     assert set(json.loads((tmp_path / "work" / "build_timings.json").read_text())) == {"total"}
+
+
+def test_until_builds_a_stage_and_those_it_needs_then_stops(tmp_path, monkeypatch):
+    """``--until stage1``: stages 0, 0b and 1 are started, none after them, and nothing is published; a later
+    run without it goes on (each finished stage is skipped)."""
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "train.jsonl").write_text("")
+    (tmp_path / "work" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "work" / "tokenizer" / "tokenizer.json").write_text("{}")
+    started = []
+    monkeypatch.setattr(build_demo, "run_stages", lambda commands, *a, **k: started.append(set(commands)))
+    monkeypatch.setattr(build_demo, "publish", lambda *a, **k: pytest.fail("published a partial build"))
+    args = ["--data", str(tmp_path / "world"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "model")]
+    done = build_demo.main(args + ["--until", "stage1"])
+    assert started == [{"stage0", "stage0v", "stage1"}] and done == str(tmp_path / "work" / "stage1" / "final")
+    assert build_demo.upstream("stage3") == {s for s, *_ in build_demo.STAGES}
+    (tmp_path / "work" / "stage0" / "final").mkdir(parents=True)
+    (tmp_path / "work" / "stage0" / "final" / "seedstory.json").write_text("{}")
+    build_demo.main(args + ["--until", "stage2t"])
+    assert started[-1] == {"stage0v", "stage2t"}  # stage 0 is built already

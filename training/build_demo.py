@@ -2,6 +2,7 @@
 
     python -m training.build_demo                       # everything, on the CPU (about 2 h on 2 cores)
     python -m training.build_demo --launcher "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
+    python -m training.build_demo --until stage0v       # part of the build (a time slot); run again to go on
 
 Stages that do not wait for each other run at the same time (``--jobs``, 2 by default): stage 1 (the
 de-tokenizer) runs beside stages 2t and 2 (the agent's text, then the agent). Their output then goes to
@@ -53,6 +54,12 @@ def log(msg: str) -> None:
 def needs(stage: tuple) -> set[str]:
     """The stages whose exports this one starts from."""
     return {base for base in stage[2:] if base is not None}
+
+
+def upstream(name: str) -> set[str]:
+    """``name`` and every stage it is built on."""
+    stage = next(s for s in STAGES if s[0] == name)
+    return {name}.union(*(upstream(base) for base in needs(stage)))
 
 
 # glibc hands every large freed block back to the kernel and maps it afresh on the next step, so a CPU stage
@@ -150,6 +157,9 @@ def main(argv=None) -> str:
                    help="how a stage module is started (default: this python; or 'accelerate launch ... -m')")
     p.add_argument("--jobs", type=int, default=2,
                    help="stages run at the same time when they do not need each other (1: one after the other)")
+    p.add_argument("--until", choices=[s[0] for s in STAGES], metavar="STAGE",
+                   help="build this stage and those it needs, then stop (a build split over time slots; the next run "
+                        "without it goes on from there): " + ", ".join(s[0] for s in STAGES))
     p.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
                    help="config overrides for one stage, e.g. stage1.train.max_steps=100")
     args = p.parse_args(argv)
@@ -173,8 +183,11 @@ def main(argv=None) -> str:
         return os.path.join(work, stage, "final")
 
     commands = {}
+    wanted = upstream(args.until) if args.until else {s[0] for s in STAGES}
     for name, module, base, detok in STAGES:
         out_dir = os.path.join(work, name)
+        if name not in wanted:
+            continue
         if os.path.isfile(os.path.join(final(name), "seedstory.json")):
             log(f"{name}: done ({final(name)})")
             continue
@@ -191,6 +204,9 @@ def main(argv=None) -> str:
         commands[name] = shlex.split(args.launcher) + [module, "--config", os.path.join(CONFIG_DIR, f"{name}.yaml"),
                                                        *resume, *overrides]
     run_stages(commands, {s[0]: needs(s) & set(commands) for s in STAGES}, max(1, args.jobs), work, timings)
+    if args.until:
+        log(f"stopped after {args.until} ({final(args.until)}); run again without --until to go on")
+        return final(args.until)
 
     out = resolve_path(args.out)
     publish(final(STAGES[-1][0]), out, data=data)
