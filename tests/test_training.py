@@ -389,6 +389,41 @@ def test_stage0_vit_learns_image_dependent_features(world, tmp_path):
     assert features.std(dim=0).mean() > 0.05 * features.std()
 
 
+def test_kill_9_under_two_processes_then_resume_gives_the_same_curve(world, tmp_path):
+    """``kill -9`` of a 2-process DDP run (launcher and both ranks) once a checkpoint is written, then
+    ``--resume``: the loss curve of the run that was never interrupted."""
+    import signal
+    import time
+
+    def command(run, port, resume=False):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
+                *(["--resume"] if resume else []), f"output_dir={run}", "log_with=[]", "train.max_steps=30",
+                "train.checkpoint_every=2", "train.keep_checkpoints=50", *data_overrides(world)]
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    whole = subprocess.run(command(tmp_path / "whole", "29550"), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(command(run, "29551"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = run / "checkpoints" / "checkpoint_4" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    steps_before, _ = losses(run, "total_loss")
+    assert 4 <= steps_before[-1] < 30, steps_before  # killed between a checkpoint and the end
+    resumed = subprocess.run(command(run, "29552", resume=True), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps, curve = losses(run, "total_loss")
+    assert steps == list(range(1, 31))
+    assert curve == pytest.approx(losses(tmp_path / "whole", "total_loss")[1], rel=1e-5)
+
+
 @pytest.mark.parametrize("module, config, column, extra", [
     ("stage0_vae", "tiny-stage0.yaml", "loss", []),  # random crops, the posterior's samples
     ("stage0_vit", "tiny-stage0v.yaml", "loss", []),
