@@ -522,3 +522,29 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
                for run in ("two", "one")]
     for key, value in trained[0].items():
         torch.testing.assert_close(value, trained[1][key], rtol=1e-3, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_an_engine_accelerate_cannot_give_is_refused_by_name():
+    """A launch config asking for FSDP or DeepSpeed on CPUs (accelerate quietly falls back to plain DDP there)
+    stops with a message naming the engine asked for, what was set up, and what to launch instead."""
+    from training.common import engine_mismatch
+
+    why = engine_mismatch({"ACCELERATE_USE_FSDP": "true"}, "MULTI_CPU")
+    assert "asks for FSDP" in why and "MULTI_CPU" in why and "torchrun" in why
+    assert "asks for DeepSpeed" in engine_mismatch({"ACCELERATE_USE_DEEPSPEED": "True"}, "NO")
+    assert engine_mismatch({"ACCELERATE_USE_FSDP": "true"}, "FSDP") is None
+    assert engine_mismatch({"ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED") is None
+    assert engine_mismatch({}, "MULTI_CPU") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate runs FSDP as asked")
+def test_fsdp_launch_on_cpus_stops_with_that_message(world, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "accelerate",
+                                                                                  "fsdp.yaml"),
+                           "--num_processes", "2", "-m", "training.stage2_agent", "--config",
+                           os.path.join(CONFIGS, "tiny-stage2.yaml"), f"output_dir={tmp_path / 'run'}", "log_with=[]",
+                           "train.max_steps=2", *data_overrides(world)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and "asks for FSDP, but accelerate set these processes up as MULTI_CPU" in done.stderr
+    assert not (tmp_path / "run" / "losses.csv").exists()  # nothing trained

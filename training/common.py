@@ -50,29 +50,60 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
     return cfg
 
 
-def make_accelerator(cfg: DictConfig):
+def engine_mismatch(env, distributed_type: str) -> Optional[str]:
+    """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one accelerate set up, or None.
+    accelerate enables FSDP only for GPU-type processes and DeepSpeed never on CPUs: a CPU launch with their
+    configs would quietly train with plain DDP, not sharded as asked."""
+    for variable, engine, name in (("ACCELERATE_USE_FSDP", "FSDP", "FSDP"),
+                                   ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", "DeepSpeed")):
+        if str(env.get(variable, "false")).lower() == "true" and distributed_type != engine:
+            return (f"the launch config asks for {name}, but accelerate "
+                    f"set these processes up as {distributed_type}: it runs FSDP and DeepSpeed on GPUs only. On "
+                    "CPUs, launch without that config (torchrun --nproc_per_node N, or configs/accelerate/cpu.yaml): "
+                    "plain data parallelism, which trains the same model")
+    return None
+
+
+def _accelerator(cfg: DictConfig, out: str, cpu: bool):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration
+
+    t = cfg.train
+    return Accelerator(
+        mixed_precision=t.get("mixed_precision"),  # None: the accelerate launch config decides
+        gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
+        log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
+        project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "logs")),
+        cpu=cpu,
+        # One schedule step per optimizer step whatever the number of processes: the schedule is the one a
+        # single process follows (accelerate would otherwise step it once per process).
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate.utils import set_seed
 
     out = resolve_path(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     t = cfg.train
     asked = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher (torchrun, accelerate, mpirun) started
-    acc = Accelerator(
-        mixed_precision=t.get("mixed_precision"),  # None: the accelerate launch config decides
-        gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
-        log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
-        project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "logs")),
-        # Without a GPU, accelerate joins the processes (gloo) only when told they run on CPUs; otherwise each
-        # one trains alone as "rank 0 of 1".
-        cpu=bool(t.get("cpu", False)) or (asked > 1 and not torch.cuda.is_available()),
-        # One schedule step per optimizer step whatever the number of processes: the schedule is the one a
-        # single process follows (accelerate would otherwise step it once per process).
-        step_scheduler_with_optimizer=False,
-    )
+    # Without a GPU, accelerate joins the processes (gloo) only when told they run on CPUs; otherwise each one
+    # trains alone as "rank 0 of 1".
+    cpu = bool(t.get("cpu", False)) or (asked > 1 and not torch.cuda.is_available())
+    try:
+        acc = _accelerator(cfg, out, cpu)
+    except (RuntimeError, ValueError) as e:  # e.g. accelerate's own refusal of FSDP on CPUs, in its words
+        problem = engine_mismatch(os.environ, "MULTI_CPU" if cpu else "NO")
+        if problem:
+            raise RuntimeError(problem) from e
+        raise
     if acc.num_processes != asked:
         raise RuntimeError(f"the launcher started {asked} processes but they train as {acc.num_processes}: "
                            "they would each train their own model")
+    problem = engine_mismatch(os.environ, acc.distributed_type.value)
+    if problem:
+        raise RuntimeError(problem)
     print(f"training: {acc.distributed_type.value}, process {acc.process_index} of {acc.num_processes} "
           f"on {acc.device}", flush=True)
     set_seed(int(t.get("seed", 0)), device_specific=False)
