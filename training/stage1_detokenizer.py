@@ -58,7 +58,8 @@ def main(argv=None) -> str:
         if joint:
             pixels = repeat_draws(pixels, draws)
             # the negative is the features of an all-zero normalized image: drop by zeroing the pixels
-            keep = (per_sample(generators, lambda g: torch.rand(draws, generator=g), pixels) >= dropout).to(pixels.dtype)
+            keep = per_sample(generators, lambda g: torch.rand(draws, generator=g), pixels) >= dropout
+            keep = keep.to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
             return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
