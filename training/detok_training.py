@@ -85,6 +85,12 @@ def per_sample(generators: list[torch.Generator], draw, like: torch.Tensor) -> t
     return values.reshape(-1, *values.shape[2:]).to(like.device, like.dtype)
 
 
+def posterior_sample(dist, generators: list[torch.Generator]) -> torch.Tensor:
+    """A sample of each image's VAE posterior (a diagonal Gaussian), drawn from the image's own generator."""
+    shape = dist.mean.shape[1:]
+    return dist.mean + dist.std * per_sample(generators, lambda g: torch.randn(1, *shape, generator=g), dist.mean)
+
+
 def drop_condition(features: torch.Tensor, negative: torch.Tensor, p: float,
                    generators: list[torch.Generator]) -> torch.Tensor:
     """Replace each sample's features by ``negative`` (the zero-image features that inference uses as
@@ -107,8 +113,7 @@ def noisy_latents(vae, noise_scheduler, sd_pixel_values: torch.Tensor, generator
     UNet samples cheaply."""
     dist = vae.encode(sd_pixel_values.to(vae.dtype)).latent_dist
     shape = dist.mean.shape[1:]
-    eps = per_sample(generators, lambda g: torch.randn(1, *shape, generator=g), dist.mean)
-    latents = repeat_draws((dist.mean + dist.std * eps) * vae.config.scaling_factor, draws)
+    latents = repeat_draws(posterior_sample(dist, generators) * vae.config.scaling_factor, draws)
     noise = per_sample(generators, lambda g: torch.randn(draws, *shape, generator=g), latents)
     total = noise_scheduler.config.num_train_timesteps
     t = per_sample(generators, lambda g: torch.randint(0, total, (draws,), generator=g),

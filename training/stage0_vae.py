@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-from .detok_training import per_sample, sample_generators
 from .common import (
     count_parameters, export, image_loader, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
+from .detok_training import posterior_sample, sample_generators
 
 
 def detail_weights(images: torch.Tensor, strength: float, size: int = 9) -> torch.Tensor:
@@ -50,12 +49,7 @@ class AutoencoderObjective(nn.Module):
         """``generators``: one per image for the posterior's sample (its own draw, in any batch); None: the
         global torch RNG."""
         posterior = self.vae.encode(images).latent_dist
-        if generators is None:
-            z = posterior.sample()
-        else:
-            shape = posterior.mean.shape[1:]
-            z = posterior.mean + posterior.std * per_sample(generators, lambda g: torch.randn(1, *shape, generator=g),
-                                                            posterior.mean)
+        z = posterior.sample() if generators is None else posterior_sample(posterior, generators)
         recon = self.vae.decode(z).sample
         error = recon.float() - images.float()
         w = detail_weights(images, self.detail_weight) if self.detail_weight else 1.0
