@@ -173,6 +173,9 @@ def test_redrawn_scenes_count_the_props_held_and_lying(stories):
 def test_vae_roundtrip_check_runs_on_the_tiny_preset(world_data, capsys):
     result = E.roundtrip(*world_data, preset="tiny", frames=2, progress=False)
     assert result["frames"] == 2 and result["scene_exact"] == 0.0  # an untrained VAE keeps nothing
+    # the demo's trained VAE gives back every setting and character of its world's pictures
+    demo = E.roundtrip(*world_data, preset="demo", frames=6, progress=False)
+    assert demo["setting"] == 1.0 and demo["characters"] == 1.0
     jsonl, images = world_data
     assert E.main(["roundtrip", jsonl, "--images", images, "--preset", "tiny", "--frames", "1"]) == 0
     assert "1 frames round-tripped" in capsys.readouterr().out

@@ -424,15 +424,15 @@ def test_kill_9_under_two_processes_then_resume_gives_the_same_curve(world, tmp_
     assert curve == pytest.approx(losses(tmp_path / "whole", "total_loss")[1], rel=1e-5)
 
 
-@pytest.mark.parametrize("module, config, column, extra", [
-    ("stage0_vae", "tiny-stage0.yaml", "loss", []),  # random crops, the posterior's samples
-    ("stage0_vit", "tiny-stage0v.yaml", "loss", []),
+@pytest.mark.parametrize("module, config, port, extra", [
+    ("stage0_vae", "tiny-stage0.yaml", "29540", []),  # random crops, the posterior's samples
+    ("stage0_vit", "tiny-stage0v.yaml", "29541", []),
     # condition dropout, two noise draws and Min-SNR weights, as the demo trains
-    ("stage1_detokenizer", "tiny-stage1.yaml", "loss",
+    ("stage1_detokenizer", "tiny-stage1.yaml", "29542",
      ["train.condition_dropout=0.3", "train.noise_draws=2", "train.snr_gamma=5"]),
-    ("stage3_adapt", "tiny-stage3.yaml", "loss", ["train.condition_dropout=0.3", "train.noise_draws=2"]),
+    ("stage3_adapt", "tiny-stage3.yaml", "29543", ["train.condition_dropout=0.3", "train.noise_draws=2"]),
 ])
-def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tmp_path, module, config, column, extra):
+def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tmp_path, module, config, port, extra):
     """Each picture stage under ``torchrun --nproc_per_node 2`` (gloo), batch 2 each, against one process with
     batch 4: the same samples step by step (the datasets shard one stream) with the same random draws (each
     sample's crop, noise, timestep and dropout come from its own place in the stream), so the same loss curve;
@@ -450,19 +450,15 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tmp_path, 
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    port = str(29540 + [m for m, *_ in STAGE_RUNS].index(module))
     two = launch(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                     "--master_port", port], "train.batch_size=2")
     assert sorted(re.findall(r"process (\d+) of (\d+)", two)) == [("0", "2"), ("1", "2")]
     launch(tmp_path / "one", [sys.executable], "train.batch_size=4")
-    steps, curve_two = losses(tmp_path / "two", column)
+    steps, curve_two = losses(tmp_path / "two", "loss")
     assert steps == [1, 2, 3]
-    assert curve_two == pytest.approx(losses(tmp_path / "one", column)[1], rel=1e-4)
+    assert curve_two == pytest.approx(losses(tmp_path / "one", "loss")[1], rel=1e-4)
     assert two.count("exported") == 1
     SeedStoryPipeline.from_pretrained(str(tmp_path / "two" / "final"))
-
-
-STAGE_RUNS = test_two_cpu_processes_train_each_stage_as_one.pytestmark[0].args[1]
 
 
 def test_two_cpu_processes_train_one_model_together(world, tmp_path):
@@ -488,7 +484,7 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
     # (the two processes' lines may reach the shared output interleaved)
     ranks = sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two))
     assert ranks == [("MULTI_CPU", "0", "2"), ("MULTI_CPU", "1", "2")]
-    one = launch(tmp_path / "one", [sys.executable], "train.batch_size=4")  # the global batch of 2 x 2
+    launch(tmp_path / "one", [sys.executable], "train.batch_size=4")  # the global batch of 2 x 2
     steps, lr_two = losses(tmp_path / "two", "lr")
     assert steps == [1, 2, 3, 4] and lr_two == losses(tmp_path / "one", "lr")[1]
     for column in ("total_loss", "lm_loss", "rec_loss"):

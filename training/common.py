@@ -54,9 +54,8 @@ def engine_mismatch(env, distributed_type: str) -> Optional[str]:
     """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one accelerate set up, or None.
     accelerate enables FSDP only for GPU-type processes and DeepSpeed never on CPUs: a CPU launch with their
     configs would quietly train with plain DDP, not sharded as asked."""
-    for variable, engine, name in (("ACCELERATE_USE_FSDP", "FSDP", "FSDP"),
-                                   ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", "DeepSpeed")):
-        if str(env.get(variable, "false")).lower() == "true" and distributed_type != engine:
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if str(env.get(variable, "false")).lower() == "true" and distributed_type != name.upper():
             return (f"the launch config asks for {name}, but accelerate "
                     f"set these processes up as {distributed_type}: it runs FSDP and DeepSpeed on GPUs only. On "
                     "CPUs, launch without that config (torchrun --nproc_per_node N, or configs/accelerate/cpu.yaml): "

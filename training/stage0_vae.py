@@ -85,10 +85,6 @@ def main(argv=None) -> str:
     t, d = cfg.train, cfg.data
     vae = pipe.detokenizer.vae
     vae.requires_grad_(True)
-    if not t.get("train_encoder", True):  # the latents stay as they are, and so does every UNet trained on them
-        vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:
-            vae.quant_conv.requires_grad_(False)
     model = AutoencoderObjective(vae, float(t.get("kl_weight", 1e-6)), float(t.get("mse_weight", 0.0)),
                                  float(t.get("detail_weight", 0.0)))
     acc.print(f"vae: {count_parameters(model)}")

@@ -53,7 +53,8 @@ def sdxl_resize_crop(image: Image.Image, resolution: int, rng: Optional[random.R
 
 
 class _JsonlStream(IterableDataset):
-    """Line-sharded, buffer-shuffled, epoch-seeded stream of story records."""
+    """Buffer-shuffled, epoch-seeded stream of story records. Every process and DataLoader worker reads the same
+    stream (``stream``) and keeps every shards-th item made from it (``_shard``)."""
 
     def __init__(self, jsonl: str, image_root: str, seed: int = 0, shuffle_buffer: int = 256, rank: int = 0,
                  world_size: int = 1):
@@ -73,16 +74,15 @@ class _JsonlStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _rng(self) -> random.Random:
-        shard, shards = self._shard()
-        return random.Random(f"{self.seed}/{self.epoch}/{shard}/{shards}")
+    def stream_rng(self) -> random.Random:
+        """The epoch's one random stream (the shuffle, the samples' windows), the same in every process."""
+        return random.Random(f"{self.seed}/{self.epoch}/0/1")
 
-    def records(self, every: bool = False) -> Iterator[dict]:
-        """This shard's valid records (``every``: all of them), in file order."""
-        shard, shards = (0, 1) if every else self._shard()
+    def records(self) -> Iterator[dict]:
+        """The valid records, in file order."""
         with open(self.jsonl, "rb") as f:  # bytes: a line of invalid UTF-8 is one bad record, not a crash
-            for i, line in enumerate(f):
-                if i % shards != shard or not line.strip():
+            for line in f:
+                if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
@@ -100,9 +100,9 @@ class _JsonlStream(IterableDataset):
                     continue
                 yield rec
 
-    def shuffled(self, rng: random.Random, every: bool = False) -> Iterator[dict]:
+    def shuffled(self, rng: random.Random) -> Iterator[dict]:
         buf: list = []
-        for rec in self.records(every):
+        for rec in self.records():
             buf.append(rec)
             if len(buf) >= self.shuffle_buffer:
                 yield buf.pop(rng.randrange(len(buf)))
@@ -206,9 +206,9 @@ class StorySampleDataset(_JsonlStream):
         # windows) and makes every shards-th sample: N processes with batch B see exactly the samples of one
         # process with batch N x B, step by step.
         shard, shards = self._shard()
-        rng = random.Random(f"{self.seed}/{self.epoch}/0/1")
+        rng = self.stream_rng()
         k = 0
-        for rec in self.shuffled(rng, every=True):
+        for rec in self.shuffled(rng):
             choice = self.choose(rec, rng)
             if choice is None:
                 if shard == 0:
@@ -237,7 +237,7 @@ class ImageDataset(_JsonlStream):
         # and loads every shards-th; a random crop is drawn from the picture's own place in that stream, so N
         # processes with batch B see exactly one process's batches of N x B.
         shard, shards = self._shard()
-        rng = random.Random(f"{self.seed}/{self.epoch}/0/1")
+        rng = self.stream_rng()
         buf: list = []
         k = 0
 
@@ -254,7 +254,7 @@ class ImageDataset(_JsonlStream):
             return {"pixel_values": self.image_processor(picture)[0], "sd_pixel_values": sd, "time_ids": time_ids,
                     "sample_seed": sample_seed(self.seed, self.epoch, k)}
 
-        for rec in self.shuffled(rng, every=True):
+        for rec in self.shuffled(rng):
             for rel in rec["images"]:
                 buf.append(rel)
                 if len(buf) >= self.shuffle_buffer:

@@ -45,7 +45,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -493,28 +493,39 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="frame", disable=not enabled)
 
 
+def _redrawn(jsonl: str, image_root: str, frames: int, seed: int, world: Optional[dict], progress: bool, desc: str,
+             redraw: Callable[[Image.Image, int], Image.Image]) -> dict:
+    """``frames`` held-out frames (spread over the file's stories, drawn with ``seed``), each redrawn by
+    ``redraw(picture, index)``, read back and compared with its ground truth."""
+    items = [(f"{name}/{k}", im, t) for name, fr, truths in dataset_stories(jsonl, image_root)
+             for k, ((_, im), t) in enumerate(zip(fr, truths))]
+    order = np.random.default_rng(seed).permutation(len(items))[:frames]
+    tally, bar = _SceneTally(world), _progress(len(order), desc, progress)
+    for j in order:
+        key, image, truth = items[int(j)]
+        tally.add(key, redraw(image, int(j)), truth)
+        bar.update(1)
+    bar.close()
+    return tally.result()
+
+
 @torch.no_grad()
 def roundtrip(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
               seed: int = 0, world: Optional[dict] = None, progress: bool = True) -> dict:
     """The VAE alone: ``frames`` held-out frames encoded (the posterior's mode) and decoded, read back and compared
     with the ground truth. Nothing the VAE loses can be painted by any de-tokenizer that works in its latents."""
+    from diffusers.image_processor import VaeImageProcessor
+
     from ..pipeline import SeedStoryPipeline
 
-    vae = SeedStoryPipeline.from_preset(preset, overrides).detokenizer.vae
-    items = [(f"{name}/{k}", im, t) for name, fr, truths in dataset_stories(jsonl, image_root)
-             for k, ((_, im), t) in enumerate(zip(fr, truths))]
-    order = np.random.default_rng(seed).permutation(len(items))[:frames]
-    tally, bar = _SceneTally(world), _progress(len(order), "roundtrip", progress)
-    for j in order:
-        key, image, truth = items[int(j)]
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        x = x.to(vae.device, vae.dtype)
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0].float().clamp(-1, 1)
-        redrawn = Image.fromarray(((y + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-        tally.add(key, redrawn, truth)
-        bar.update(1)
-    bar.close()
-    return tally.result()
+    detokenizer = SeedStoryPipeline.from_preset(preset, overrides).detokenizer
+    vae, pixels = detokenizer.vae, VaeImageProcessor(vae_scale_factor=detokenizer.vae_scale_factor)
+
+    def redraw(image, _):
+        x = pixels.preprocess(image.convert("RGB")).to(vae.device, vae.dtype)
+        return pixels.postprocess(vae.decode(vae.encode(x).latent_dist.mode()).sample.float())[0]
+
+    return _redrawn(jsonl, image_root, frames, seed, world, progress, "roundtrip", redraw)
 
 
 def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[list[str]] = None, frames: int = 50,
@@ -524,18 +535,8 @@ def reconstruct(jsonl: str, image_root: str, preset: str, overrides: Optional[li
     from ..pipeline import SeedStoryPipeline
 
     pipe = SeedStoryPipeline.from_preset(preset, overrides)
-    items = []
-    for name, fr, truths in dataset_stories(jsonl, image_root):
-        for k, ((_, im), t) in enumerate(zip(fr, truths)):
-            items.append((f"{name}/{k}", im, t))
-    order = np.random.default_rng(seed).permutation(len(items))[:frames]
-    tally, bar = _SceneTally(world), _progress(len(order), "reconstruct", progress)
-    for j in order:
-        key, image, truth = items[int(j)]
-        tally.add(key, pipe.paint(pipe.encode_image(image), seed=seed + int(j)), truth)
-        bar.update(1)
-    bar.close()
-    return tally.result()
+    return _redrawn(jsonl, image_root, frames, seed, world, progress, "reconstruct",
+                    lambda image, j: pipe.paint(pipe.encode_image(image), seed=seed + j))
 
 
 @torch.no_grad()
