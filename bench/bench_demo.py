@@ -12,7 +12,7 @@ The opening (first picture + first caption of a validation story) is given; the 
 
 - the analyzer's headline table with the targets (caption validity ≥ 95%, story logic ≥ 95%, caption-image
   agreement ≥ 80%, strict agreement ≥ 70%, presence ≥ 90%, character consistency ≥ 90%, setting consistency
-  ≥ 90%, blank pictures ≤ 1%) and the other signs of trouble (captions repeating one of the last four or the
+  ≥ 90%, blank pictures ≤ 1%) and the other signs of trouble (captions repeating one of the last eight or the
   previous one, empty captions), overall and by thirds of the story, so a story that degenerates as it grows
   shows up as falling figures late in the story;
 - seconds per frame (text + picture), from the frames' creation times: median and 90th percentile, with

@@ -117,6 +117,21 @@ def test_presence_and_story_logic_flag_the_right_frame(stories):
     assert score.rate("caption_validity") == 1.0  # well-formed, just impossible
 
 
+def test_a_story_going_round_in_circles_is_a_loop(stories):
+    """A story that cycles through five captions (what a guard against repeating the last four lets through)
+    shows as looped from its sixth frame on; the ground truth barely repeats itself."""
+    world = S.world_json()
+    name, frames, _ = stories[0]
+    cycle = [frames[1 + k % 5][0] for k in range(len(frames) - 1)]
+    circling = [frames[0]] + [(text, image) for text, (_, image) in zip(cycle, frames[1:])]
+    score = E.score_story(name, circling, world)
+    looped = score.counts["looped_caption"]
+    assert looped == (len(frames) - 1 - 5, len(frames) - 1)
+    assert score.counts["repeated_caption"][0] == 0  # never the previous caption: only the wider sign sees it
+    truth = E.analyze((n, fr) for n, fr, _ in stories).overall()
+    assert truth["looped_caption"] <= 0.1
+
+
 def test_reading_saved_stories_from_the_cli(stories, tmp_path, capsys):
     root = tmp_path / "stories"
     root.mkdir()
