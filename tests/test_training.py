@@ -544,3 +544,42 @@ def test_fsdp_launch_on_cpus_stops_with_that_message(world, tmp_path):
                           text=True, timeout=600)
     assert done.returncode != 0 and "asks for FSDP, but accelerate set these processes up as MULTI_CPU" in done.stderr
     assert not (tmp_path / "run" / "losses.csv").exists()  # nothing trained
+
+
+def test_fsdp_wraps_the_blocks_of_what_each_stage_trains(tiny_pipeline):
+    """Under FSDP each stage shards its own blocks: the agent its Llama decoder layers, the de-tokenizer its UNet's
+    transformer and ResNet blocks, the VAE its ResNet blocks, the visual tokenizer its ViT blocks. (A launch config
+    naming LlamaDecoderLayer, as ours did, stops every stage but stage 2: accelerate cannot find the class.)"""
+    from types import SimpleNamespace
+
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from omegaconf import OmegaConf
+
+    from training.common import prepare_training
+    from training.stage0_vae import AutoencoderObjective
+    from training.stage0_vit import ReadoutObjective
+
+    with open(os.path.join(ROOT, "configs", "accelerate", "fsdp.yaml")) as f:
+        assert "fsdp_transformer_layer_cls_to_wrap" not in yaml.safe_load(f)["fsdp_config"]
+    pipe = tiny_pipeline
+    vit = pipe.visual_tokenizer
+    stages = {
+        "stage 0": (AutoencoderObjective(pipe.detokenizer.vae, 1e-6), {"ResnetBlock2D"}),
+        "stage 0b": (ReadoutObjective(vit, vit.config.n_queries, vit.config.output_dim, 8), {"VisualAttentionBlock"}),
+        "stages 1 and 3": (pipe.detokenizer, {"BasicTransformerBlock", "ResnetBlock2D", "CrossAttnUpBlock2D",
+                                              "UpBlock2D"}),
+        "stage 2": (pipe.agent, {"LlamaDecoderLayer"}),
+    }
+    for stage, (model, blocks) in stages.items():
+        plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap")
+        accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), prepare=lambda *parts: parts)
+        prepare_training(accelerator, model, OmegaConf.create({"lr": 1e-3, "max_steps": 2}))
+        plugin.set_auto_wrap_policy(model)  # what accelerate.prepare does under FSDP; raises on an unknown class
+        wrapped = {type(m).__name__ for m in model.modules()
+                   if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)}
+        assert wrapped == blocks, stage
+        whole = [m for m in model.modules() if type(m).__name__ in blocks]
+        assert whole and all(plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0) for m in whole)
+    layers = [m for m in pipe.agent.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert len(layers) == pipe.agent.llm.config.num_hidden_layers

@@ -234,8 +234,24 @@ def make_optimizer(params, t: DictConfig):
     return opt, sched
 
 
+def blocks_to_wrap(model: torch.nn.Module) -> list[str]:
+    """The block classes FSDP shards one by one in ``model``: what its parts keep whole (their
+    ``_no_split_modules``: Llama decoder layers, the UNet's and VAE's blocks, the ViT's blocks), as far as the
+    model has them. accelerate reads ``_no_split_modules`` of the prepared module alone, and our stages prepare
+    wrappers around these parts."""
+    names: list[str] = []
+    for part in model.modules():
+        names += [n for n in getattr(part, "_no_split_modules", None) or [] if n not in names]
+    present = {type(m).__name__ for m in model.modules()}
+    return [n for n in names if n in present]
+
+
 def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
-    """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate."""
+    """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate. Under
+    FSDP each stage wraps the blocks of what it trains, unless the launch config names its own."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = blocks_to_wrap(model)
     optimizer, scheduler = make_optimizer(model.parameters(), t)
     return accelerator.prepare(model, optimizer, scheduler)
 

@@ -74,6 +74,7 @@ class QwenVisionTransformer(ModelMixin, ConfigMixin):
 
     config_name = "config.json"
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["VisualAttentionBlock"]  # a block stays on one device / in one FSDP unit
 
     @register_to_config
     def __init__(
