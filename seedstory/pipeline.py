@@ -63,9 +63,10 @@ class SeedStoryPipeline:
         self.llm_quantization: Optional[str] = None
         # Statistics of the training pictures' features, when the model ships them (``seedstory.familiarity``).
         self.familiarity: Optional[Familiarity] = None
-        self._check_sizes()
+        self.check_sizes()
 
-    def _check_sizes(self) -> None:
+    def check_sizes(self) -> None:
+        """Raise when the components' sizes do not fit together (features, resamplers, vocabulary)."""
         vit_dim = self.visual_tokenizer.config.output_dim
         n_vit = self.visual_tokenizer.config.n_queries
         problems = []

@@ -107,8 +107,11 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert {"data", "tokenizer", "total"} | {s for s, *_ in build_demo.STAGES} <= set(timings)
     for stage, *_ in build_demo.STAGES:
         assert (tmp_path / "work" / stage / "final" / "seedstory.json").is_file()
-    # Stage 3 joins stage 2's agent with stage 1's de-tokenizer.
-    assert "model.detokenizer_from=" + str(tmp_path / "work" / "stage1" / "final") in capsys.readouterr().out
+    # Stage 2 joins stage 2t's agent with stage 0b's visual tokenizer, stage 3 stage 2's agent with stage 1's
+    # de-tokenizer.
+    printed = capsys.readouterr().out
+    assert "model.agent_from=" + str(tmp_path / "work" / "stage2t" / "final") in printed
+    assert "model.detokenizer_from=" + str(tmp_path / "work" / "stage1" / "final") in printed
 
     files = glob.glob(os.path.join(out, "**", "*.safetensors"), recursive=True)
     assert {os.path.relpath(f, out).split(os.sep)[0] for f in files} == {"agent", "detokenizer", "visual_tokenizer",
@@ -134,8 +137,8 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     build_demo.main(args)  # everything exists: nothing is trained again
     again = capsys.readouterr().out
     assert all(f"{stage}: done" in again for stage, *_ in build_demo.STAGES)
-    # stages 1 and 2t wait for the same stage (0b), so they start side by side, each writing its own log
-    assert (tmp_path / "work" / "stage1.log").is_file() and (tmp_path / "work" / "stage2t.log").is_file()
+    # stages 0 and 2t need nothing, so they start side by side, each writing its own log
+    assert (tmp_path / "work" / "stage0.log").is_file() and (tmp_path / "work" / "stage2t.log").is_file()
     assert set(json.loads((tmp_path / "work" / "build_timings.json").read_text())) == {"total"}
 
 
@@ -156,4 +159,6 @@ def test_until_builds_a_stage_and_those_it_needs_then_stops(tmp_path, monkeypatc
     (tmp_path / "work" / "stage0" / "final").mkdir(parents=True)
     (tmp_path / "work" / "stage0" / "final" / "seedstory.json").write_text("{}")
     build_demo.main(args + ["--until", "stage2t"])
-    assert started[-1] == {"stage0v", "stage2t"}  # stage 0 is built already
+    assert started[-1] == {"stage2t"}  # stage 2t reads no picture: it needs no other stage
+    build_demo.main(args + ["--until", "stage2"])
+    assert started[-1] == {"stage0v", "stage2t", "stage2"}  # stage 0 is built already

@@ -236,6 +236,31 @@ def test_stage3_joins_stage2_agent_with_stage1_detokenizer(world, stage1_run, st
     assert all(torch.equal(a, b) for a, b in zip(got.agent.state_dict().values(), two.agent.state_dict().values()))
 
 
+def test_a_stage_takes_the_agent_from_another_folder(stage1_run, stage2_run, tmp_path):
+    """As the demo build's stage 2 does (stage 0b's visual tokenizer, stage 2t's agent): ``model.agent_from``;
+    an agent trained with another text tokenizer is refused by name."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from seedstory.pipeline import SeedStoryPipeline
+    from training.common import load_pipeline
+
+    (_, stage1_final), (_, stage2_final) = stage1_run, stage2_run
+    got = load_pipeline(OmegaConf.create({"model": {"pretrained": stage1_final, "agent_from": stage2_final}}))
+    one = SeedStoryPipeline.from_pretrained(stage1_final, device="cpu")
+    two = SeedStoryPipeline.from_pretrained(stage2_final, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(got.agent.state_dict().values(), two.agent.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(got.visual_tokenizer.state_dict().values(),
+                                                 one.visual_tokenizer.state_dict().values()))
+    other = tmp_path / "other"
+    shutil.copytree(stage2_final, other)
+    vocab = other / "tokenizer" / "tokenizer.json"
+    vocab.write_text(vocab.read_text().replace('"a":', '"\u00e4":', 1))
+    with pytest.raises(ValueError, match="agent_from: .*another text tokenizer"):
+        load_pipeline(OmegaConf.create({"model": {"pretrained": stage1_final, "agent_from": str(other)}}))
+
+
 def test_stage2_takes_its_loss_weights_from_the_training_config(world, tmp_path):
     for scale in (0.0, 3.0):
         run = tmp_path / str(scale)

@@ -4,8 +4,9 @@
     python -m training.build_demo --launcher "accelerate launch --config_file configs/accelerate/single_gpu.yaml"
     python -m training.build_demo --until stage0v       # part of the build (a time slot); run again to go on
 
-Stages that do not wait for each other run at the same time (``--jobs``, 2 by default): stage 1 (the
-de-tokenizer) runs beside stages 2t and 2 (the agent's text, then the agent). Their output then goes to
+Stages that do not wait for each other run at the same time (``--jobs``, 2 by default): stage 2t (the
+agent's text) beside stages 0 and 0b (the pictures' VAE and visual tokenizer), then stage 1 (the
+de-tokenizer) beside stage 2 (the agent). Their output then goes to
 ``<work>/<stage>.log`` and the build prints each one's progress every minute.
 Every step is skipped when its output exists and resumed from its latest checkpoint when it was
 interrupted, so re-running the command after a crash (or ``kill -9``) continues the build. The configs
@@ -29,20 +30,21 @@ from typing import Optional
 from seedstory.atomic import write_dir
 from seedstory.config import REPO_ROOT, resolve_path
 
-# (stage, module, the stage whose export it starts from, the stage whose de-tokenizer it takes).
-# Stage 2t teaches the agent's LLM the stories' text alone (the release starts from an LLM that knows its
-# language); stage 2 then trains the agent on the stage-0b visual tokenizer's features. Neither touches the
-# de-tokenizer, so they do not wait for stage 1 (they run beside it); stage 3 joins stage 2's agent with
-# stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
+# (stage, module, the stage whose export it starts from (None: the demo's random init), the stages whose
+# exports lend it a component). Stage 2t teaches the agent's LLM the stories' text alone (the release starts
+# from an LLM that knows its language): it needs no picture, so it starts from the random init and runs beside
+# stages 0 and 0b. Stage 2 then trains stage 2t's agent on stage 0b's visual tokenizer's features; neither
+# touches the de-tokenizer, so they do not wait for stage 1 (they run beside it); stage 3 joins stage 2's agent
+# with stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
 # tokenizer: loading a saved model draws other random numbers than making one, so its read-out head would
 # start elsewhere.
 STAGES = [
-    ("stage0", "training.stage0_vae", None, None),
-    ("stage0v", "training.stage0_vit", "stage0", None),
-    ("stage1", "training.stage1_detokenizer", "stage0v", None),
-    ("stage2t", "training.stage2_agent", "stage0v", None),
-    ("stage2", "training.stage2_agent", "stage2t", None),
-    ("stage3", "training.stage3_adapt", "stage2", "stage1"),
+    ("stage0", "training.stage0_vae", None, {}),
+    ("stage2t", "training.stage2_agent", None, {}),
+    ("stage0v", "training.stage0_vit", "stage0", {}),
+    ("stage1", "training.stage1_detokenizer", "stage0v", {}),
+    ("stage2", "training.stage2_agent", "stage0v", {"agent": "stage2t"}),
+    ("stage3", "training.stage3_adapt", "stage2", {"detokenizer": "stage1"}),
 ]
 CONFIG_DIR = "configs/train/demo"
 
@@ -52,8 +54,9 @@ def log(msg: str) -> None:
 
 
 def needs(stage: tuple) -> set[str]:
-    """The stages whose exports this one starts from."""
-    return {base for base in stage[2:] if base is not None}
+    """The stages whose exports this one starts from or takes a component from."""
+    base, lent = stage[2], stage[3]
+    return ({base} if base is not None else set()) | set(lent.values())
 
 
 def upstream(name: str) -> set[str]:
@@ -184,7 +187,7 @@ def main(argv=None) -> str:
 
     commands = {}
     wanted = upstream(args.until) if args.until else {s[0] for s in STAGES}
-    for name, module, base, detok in STAGES:
+    for name, module, base, lent in STAGES:
         out_dir = os.path.join(work, name)
         if name not in wanted:
             continue
@@ -197,8 +200,7 @@ def main(argv=None) -> str:
             overrides.append(f"model.overrides=[tokenizer.path={tokenizer}]")
         else:
             overrides.append(f"model.pretrained={final(base)}")
-        if detok is not None:
-            overrides.append(f"model.detokenizer_from={final(detok)}")
+        overrides += [f"model.{part}_from={final(stage)}" for part, stage in lent.items()]
         overrides += [o.split(".", 1)[1] for o in args.set if o.startswith(name + ".")]
         resume = ["--resume"] if os.path.isdir(os.path.join(out_dir, "checkpoints")) else []
         commands[name] = shlex.split(args.launcher) + [module, "--config", os.path.join(CONFIG_DIR, f"{name}.yaml"),

@@ -274,18 +274,24 @@ def image_loader(cfg: DictConfig, pipe: SeedStoryPipeline, accelerator, resoluti
 def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
     stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in fp32 —
-    accelerate moves and casts what it trains. ``model.detokenizer_from`` (another saved folder) takes the
-    de-tokenizer from there: stage 3 joins stage 1's de-tokenizer and stage 2's agent."""
+    accelerate moves and casts what it trains. ``model.agent_from`` / ``model.detokenizer_from`` (other saved
+    folders) take that component from there: the demo build's stage 2 joins stage 0b's visual tokenizer with
+    stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent."""
     m = cfg.model
     if m.get("pretrained"):
         pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
-        if m.get("detokenizer_from"):
-            other = SeedStoryPipeline.from_pretrained(resolve_path(m.detokenizer_from), device="cpu",
-                                                      torch_dtype=torch.float32)
-            pipe.detokenizer = other.detokenizer
-        return pipe
-    overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
-    return SeedStoryPipeline.from_preset(m.preset, overrides)
+    else:
+        overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
+        pipe = SeedStoryPipeline.from_preset(m.preset, overrides)
+    for part in ("agent", "detokenizer"):
+        if m.get(f"{part}_from"):
+            source = resolve_path(m.get(f"{part}_from"))
+            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=torch.float32)
+            if part == "agent" and other.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
+                raise ValueError(f"model.agent_from: {source} was trained with another text tokenizer")
+            setattr(pipe, part, getattr(other, part))
+            pipe.check_sizes()
+    return pipe
 
 
 def unwrap_trained(accelerator, model: torch.nn.Module) -> torch.nn.Module:
