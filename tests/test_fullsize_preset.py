@@ -20,3 +20,17 @@ def test_seed_story_random_has_the_released_shapes():
         release_manifest("detokenizer_george_adapted")  # the XL resampler and the SDXL UNet (the VAE is extra)
     assert shapes(pipe.visual_tokenizer) == release_manifest("qwen_vit_G")
     assert pipe.settings.num_inference_steps == 50 and pipe.settings.height == 1024
+
+
+def test_a_random_model_built_in_bf16_holds_every_weight_in_bf16(opening_image):
+    """As ``bench/bench_fullsize.py`` builds seed-story-random on a GPU: no table left in fp32 (the resamplers'
+    position tables were, and the ViT's pooling then mixed dtypes and stopped), the VAE alone kept in fp32."""
+    import torch
+
+    pipe = SeedStoryPipeline.from_preset("seed-story-random", ["runtime.device=meta", "runtime.dtype=bf16"])
+    for name, module in (("visual_tokenizer", pipe.visual_tokenizer), ("agent", pipe.agent),
+                         ("resampler", pipe.detokenizer.resampler), ("unet", pipe.detokenizer.unet)):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+    tiny = SeedStoryPipeline.from_preset("tiny", ["runtime.dtype=bf16"])
+    assert tiny.encode_image(opening_image).shape[1:] == (tiny.visual_tokenizer.config.n_queries,
+                                                          tiny.visual_tokenizer.config.output_dim)

@@ -1,6 +1,7 @@
 """The three training stages on the tiny preset and a few synthetic stories: each loss falls, a run killed
 and resumed continues the same loss curve, and the exported checkpoints load into the story engine."""
 import csv
+import math
 import os
 import re
 import signal
@@ -608,3 +609,53 @@ def test_fsdp_wraps_the_blocks_of_what_each_stage_trains(tiny_pipeline):
         assert whole and all(plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0) for m in whole)
     layers = [m for m in pipe.agent.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     assert len(layers) == pipe.agent.llm.config.num_hidden_layers
+
+
+def test_a_stage_loads_the_model_in_bf16_and_trains_its_part_in_fp32(world, tmp_path):
+    """``model.dtype: bf16`` (the release-size LoRA config's): every process holds the frozen parts in half the
+    memory, the trained parameters stay fp32 for the optimizer, the run needs mixed precision and says so."""
+    from omegaconf import OmegaConf
+
+    from seedstory.pipeline import SeedStoryPipeline
+    from training.common import load_pipeline
+
+    def nbytes(pipe):
+        return sum(t.numel() * t.element_size() for m in (pipe.visual_tokenizer, pipe.agent, pipe.detokenizer)
+                   for t in m.parameters())
+
+    half = load_pipeline(OmegaConf.create({"model": {"preset": "tiny", "dtype": "bf16"}}))
+    full = load_pipeline(OmegaConf.create({"model": {"preset": "tiny"}}))
+    assert {p.dtype for p in half.agent.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.visual_tokenizer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.detokenizer.vae.parameters()} == {torch.float32}  # the VAE stays fp32
+    vae = sum(p.numel() * 4 for p in full.detokenizer.vae.parameters())
+    assert nbytes(half) == (nbytes(full) + vae) // 2
+
+    from types import SimpleNamespace
+
+    from training.common import prepare_training
+
+    agent = half.agent
+    agent.llm.requires_grad_(False)  # as under LoRA: the LLM frozen, the resamplers trained
+    accelerator = SimpleNamespace(state=SimpleNamespace(), mixed_precision="bf16", prepare=lambda *parts: parts)
+    prepare_training(accelerator, agent, OmegaConf.create({"lr": 1e-3, "max_steps": 2}))
+    assert {p.dtype for p in agent.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in agent.llm.parameters()} == {torch.bfloat16}
+
+    lora = "train.lora={r: 4, alpha: 8, dropout: 0.0}"
+    with pytest.raises(ValueError, match="mixed precision"):
+        run_stage("stage2_agent", "tiny-stage2.yaml", tmp_path / "no-amp", world, "train.max_steps=2",
+                  "model.dtype=bf16", lora)
+    # its own process: accelerate keeps one mixed-precision setting per process
+    done = subprocess.run([sys.executable, "-m", "training.stage2_agent", "--config",
+                           os.path.join(CONFIGS, "tiny-stage2.yaml"), f"output_dir={tmp_path / 'bf16'}", "log_with=[]",
+                           "train.max_steps=8", "train.checkpoint_every=100", "model.dtype=bf16",
+                           "train.mixed_precision=bf16", lora, *data_overrides(world)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = str(tmp_path / "bf16" / "final")
+    steps, total = losses(tmp_path / "bf16", "total_loss")
+    assert steps == list(range(1, 9)) and all(map(math.isfinite, total)) and mean(total[-3:]) < mean(total[:3])
+    pipe = SeedStoryPipeline.from_pretrained(final, device="cpu", torch_dtype=torch.float32)
+    assert pipe.agent.llm.config.num_hidden_layers == full.agent.llm.config.num_hidden_layers

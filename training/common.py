@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from seedstory.atomic import write_dir, write_json
-from seedstory.config import resolve_path
+from seedstory.config import DTYPES, resolve_path
 from seedstory.pipeline import SeedStoryPipeline
 
 
@@ -249,6 +249,13 @@ def blocks_to_wrap(model: torch.nn.Module) -> list[str]:
 def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
     """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate. Under
     FSDP each stage wraps the blocks of what it trains, unless the launch config names its own."""
+    lower = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if lower and str(getattr(accelerator, "mixed_precision", "no")) == "no":
+        raise ValueError(f"the model is loaded in {', '.join(sorted(map(str, lower)))} (model.dtype): train it with "
+                         "mixed precision (train.mixed_precision: bf16, or the launch config's)")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:  # the optimizer keeps and steps fp32 weights
+            p.data = p.data.float()
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and not plugin.transformer_cls_names_to_wrap:
         plugin.transformer_cls_names_to_wrap = blocks_to_wrap(model)
@@ -271,6 +278,22 @@ def image_loader(cfg: DictConfig, pipe: SeedStoryPipeline, accelerator, resoluti
 
 
 # -- models ------------------------------------------------------------------------------------------------
+def load_dtype(cfg: DictConfig) -> torch.dtype:
+    """``model.dtype``: what the stage loads the model in (default fp32). bf16 halves every process's copy of
+    the frozen parts (a release-size LLM, ViT and UNet: about 50 GiB per process in fp32); the parts it trains
+    are cast back to fp32 for the optimizer, and it needs mixed precision to run the two together."""
+    name = str(cfg.model.get("dtype", "fp32"))
+    if DTYPES.get(name) not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"model.dtype must be fp32, bf16 or fp16, not {name!r}")
+    return DTYPES[name]
+
+
+def frozen_features(vit: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen visual tokenizer's features of ``pixels``, in fp32 whatever dtype it was loaded in."""
+    with torch.no_grad():
+        return vit(pixels.to(vit.device, vit.dtype)).float()
+
+
 def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
     stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in fp32 —
@@ -278,15 +301,17 @@ def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     folders) take that component from there: the demo build's stage 2 joins stage 0b's visual tokenizer with
     stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent."""
     m = cfg.model
+    dtype = load_dtype(cfg)
     if m.get("pretrained"):
-        pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=torch.float32)
+        pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=dtype)
     else:
-        overrides = ["runtime.device=cpu", "runtime.dtype=fp32", *list(m.get("overrides", []) or [])]
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        overrides = ["runtime.device=cpu", f"runtime.dtype={name}", *list(m.get("overrides", []) or [])]
         pipe = SeedStoryPipeline.from_preset(m.preset, overrides)
     for part in ("agent", "detokenizer"):
         if m.get(f"{part}_from"):
             source = resolve_path(m.get(f"{part}_from"))
-            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=torch.float32)
+            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=dtype)
             if part == "agent" and other.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
                 raise ValueError(f"model.agent_from: {source} was trained with another text tokenizer")
             setattr(pipe, part, getattr(other, part))

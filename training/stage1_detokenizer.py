@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 
 
 from .common import (
-    count_parameters, export, image_loader, make_weight_average, prepare_training, resume, start_stage, train_loop,
+    count_parameters, export, frozen_features, image_loader, make_weight_average, prepare_training, resume, start_stage, train_loop,
     unwrap_trained,
 )
 from .detok_training import (
@@ -63,9 +63,9 @@ def main(argv=None) -> str:
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
             return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
-            features = repeat_draws(vit(pixels), draws)  # encoded once per image, like the latents
+            features = repeat_draws(frozen_features(vit, pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
-                features = drop_condition(features, vit.unconditional_features(), dropout, generators)
+                features = drop_condition(features, vit.unconditional_features().float(), dropout, generators)
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)

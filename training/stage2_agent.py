@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch.utils.data import DataLoader
 from seedstory.config import resolve_path
 from seedstory.data.datasets import StorySampleDataset, collate_story_samples
 
 from .common import (
-    count_parameters, export, global_mean, prepare_training, resume, start_stage, train_loop, unwrap_trained,
+    count_parameters, export, frozen_features, global_mean, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",
@@ -96,8 +95,7 @@ def main(argv=None) -> str:
         if text_only:
             result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=None)
             return {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
-        with torch.no_grad():
-            image_embeds = vit(batch["pixel_values"].to(acc.device))
+        image_embeds = frozen_features(vit, batch["pixel_values"])
         result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)
         lm = global_mean(acc, result["lm_loss"], tokens)
         rec = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())

@@ -40,7 +40,7 @@ def sincos_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     """MAE-style 2D sin-cos table [grid_size**2, embed_dim] (first half encodes rows, second half columns)."""
     grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
     emb = np.concatenate([sincos_1d(embed_dim // 2, grid_w), sincos_1d(embed_dim // 2, grid_h)], axis=1)
-    return torch.from_numpy(emb).float()
+    return torch.from_numpy(emb).to(torch.get_default_dtype())  # a model built in bf16 gets a bf16 table
 
 
 class QwenResampler(ModelMixin, ConfigMixin):
