@@ -130,6 +130,10 @@ def test_a_story_going_round_in_circles_is_a_loop(stories):
     assert score.counts["repeated_caption"][0] == 0  # never the previous caption: only the wider sign sees it
     truth = E.analyze((n, fr) for n, fr, _ in stories).overall()
     assert truth["looped_caption"] <= 0.1
+    # a cycle of eight distinct captions (the agent's whole window) is a loop too
+    distinct = list(dict.fromkeys(t for _, fr, _ in stories for t, _ in fr[1:]))[:8]
+    eight = [frames[0]] + [(distinct[k % 8], image) for k, (_, image) in enumerate(frames[1:])]
+    assert E.score_story(name, eight, world).counts["looped_caption"] == (len(frames) - 1 - 8, len(frames) - 1)
 
 
 def test_reading_saved_stories_from_the_cli(stories, tmp_path, capsys):

@@ -641,6 +641,14 @@ def test_a_stage_loads_the_model_in_bf16_and_trains_its_part_in_fp32(world, tmp_
     prepare_training(accelerator, agent, OmegaConf.create({"lr": 1e-3, "max_steps": 2}))
     assert {p.dtype for p in agent.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in agent.llm.parameters()} == {torch.bfloat16}
+    fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)), mixed_precision="bf16")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        prepare_training(fsdp1, agent, OmegaConf.create({"lr": 1e-3, "max_steps": 2}))
+    # stages 1 and 3 read the frozen ViT in its dtype and hand its features on in fp32
+    from training.common import frozen_features
+
+    pixels = torch.rand(1, 3, half.visual_tokenizer.config.image_size, half.visual_tokenizer.config.image_size)
+    assert frozen_features(half.visual_tokenizer, pixels).dtype == torch.float32
 
     lora = "train.lora={r: 4, alpha: 8, dropout: 0.0}"
     with pytest.raises(ValueError, match="mixed precision"):

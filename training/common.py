@@ -257,6 +257,10 @@ def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
         if p.requires_grad and p.dtype != torch.float32:  # the optimizer keeps and steps fp32 weights
             p.data = p.data.float()
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and lower and getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("FSDP 1 flattens each block's weights into one tensor of one dtype, and this model mixes "
+                         "frozen weights in model.dtype with trained fp32 ones: set fsdp_version: 2 in the launch "
+                         "config, use DeepSpeed, or load in fp32")
     if plugin is not None and not plugin.transformer_cls_names_to_wrap:
         plugin.transformer_cls_names_to_wrap = blocks_to_wrap(model)
     optimizer, scheduler = make_optimizer(model.parameters(), t)
@@ -296,8 +300,8 @@ def frozen_features(vit: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
-    stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in fp32 —
-    accelerate moves and casts what it trains. ``model.agent_from`` / ``model.detokenizer_from`` (other saved
+    stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in ``model.dtype`` (fp32
+    unless set) — accelerate moves what it trains. ``model.agent_from`` / ``model.detokenizer_from`` (other saved
     folders) take that component from there: the demo build's stage 2 joins stage 0b's visual tokenizer with
     stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent."""
     m = cfg.model
