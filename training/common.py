@@ -282,14 +282,14 @@ def image_loader(cfg: DictConfig, pipe: SeedStoryPipeline, accelerator, resoluti
 
 
 # -- models ------------------------------------------------------------------------------------------------
-def load_dtype(cfg: DictConfig) -> torch.dtype:
+def load_dtype(cfg: DictConfig) -> str:
     """``model.dtype``: what the stage loads the model in (default fp32). bf16 halves every process's copy of
     the frozen parts (a release-size LLM, ViT and UNet: about 50 GiB per process in fp32); the parts it trains
     are cast back to fp32 for the optimizer, and it needs mixed precision to run the two together."""
     name = str(cfg.model.get("dtype", "fp32"))
     if DTYPES.get(name) not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"model.dtype must be fp32, bf16 or fp16, not {name!r}")
-    return DTYPES[name]
+    return name
 
 
 def frozen_features(vit: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -305,11 +305,11 @@ def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     folders) take that component from there: the demo build's stage 2 joins stage 0b's visual tokenizer with
     stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent."""
     m = cfg.model
-    dtype = load_dtype(cfg)
+    name = load_dtype(cfg)
+    dtype = DTYPES[name]
     if m.get("pretrained"):
         pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=dtype)
     else:
-        name = next(k for k, v in DTYPES.items() if v == dtype)
         overrides = ["runtime.device=cpu", f"runtime.dtype={name}", *list(m.get("overrides", []) or [])]
         pipe = SeedStoryPipeline.from_preset(m.preset, overrides)
     for part in ("agent", "detokenizer"):

@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler
 
 
 from .common import (
-    count_parameters, export, frozen_features, image_loader, make_weight_average, prepare_training, resume, start_stage, train_loop,
-    unwrap_trained,
+    count_parameters, export, frozen_features, image_loader, make_weight_average, prepare_training, resume,
+    start_stage, train_loop, unwrap_trained,
 )
 from .detok_training import (
     DenoisingObjective, drop_condition, noisy_latents, per_sample, repeat_draws, sample_generators,
@@ -39,6 +39,8 @@ def main(argv=None) -> str:
     model = DenoisingObjective(detok, vit if joint else None, noise_scheduler, float(t.get("snr_gamma", 0.0)))
     if not joint:
         vit.eval().to(acc.device)
+        with torch.no_grad():
+            negative = vit.unconditional_features()  # the frozen ViT's guidance negative: the same every step
     vae = detok.vae.eval().to(acc.device)
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
@@ -65,7 +67,7 @@ def main(argv=None) -> str:
         with torch.no_grad():
             features = repeat_draws(frozen_features(vit, pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
-                features = drop_condition(features, vit.unconditional_features().float(), dropout, generators)
+                features = drop_condition(features, negative, dropout, generators)
         return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)

@@ -21,7 +21,8 @@ from seedstory.config import resolve_path
 from seedstory.data.datasets import StorySampleDataset, collate_story_samples
 
 from .common import (
-    count_parameters, export, frozen_features, global_mean, prepare_training, resume, start_stage, train_loop, unwrap_trained,
+    count_parameters, export, frozen_features, global_mean, prepare_training, resume, start_stage, train_loop,
+    unwrap_trained,
 )
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "ids_gen_mask", "ids_cmp_mask", "embeds_gen_mask",

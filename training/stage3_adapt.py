@@ -13,7 +13,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from .common import (
-    count_parameters, export, frozen_features, make_weight_average, prepare_training, resume, start_stage, train_loop, unwrap_trained,
+    count_parameters, export, frozen_features, make_weight_average, prepare_training, resume, start_stage,
+    train_loop, unwrap_trained,
 )
 from .detok_training import (
     DenoisingObjective, drop_condition, noisy_latents, repeat_draws, sample_generators, set_detokenizer_trainable,
@@ -27,7 +28,8 @@ def main(argv=None) -> str:
     vit, agent, detok = pipe.visual_tokenizer, pipe.agent, pipe.detokenizer
     for frozen in (vit, agent):
         frozen.requires_grad_(False).eval().to(acc.device)
-    agent_dtype = agent.llm.dtype
+    with torch.no_grad():
+        negative = vit.unconditional_features()  # the frozen ViT's guidance negative: the same every step
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
     noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
     model = DenoisingObjective(detok, None, noise_scheduler, float(t.get("snr_gamma", 0.0)))  # as in stage 1
@@ -45,11 +47,11 @@ def main(argv=None) -> str:
     def losses(batch):
         generators = sample_generators(batch)
         with torch.no_grad():
-            image_embeds = frozen_features(vit, batch["pixel_values"]).to(agent_dtype)
+            image_embeds = frozen_features(vit, batch["pixel_values"]).to(agent.dtype)
             regressed = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds,
                               return_recon_image_embeds=True)["recon_image_embeds"].float()
             if dropout > 0:
-                regressed = drop_condition(regressed, vit.unconditional_features().float(), dropout, generators)
+                regressed = drop_condition(regressed, negative, dropout, generators)
         latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
                                                   generators, draws=draws)
         return {"loss": model(latents, timesteps, noise, repeat_draws(batch["time_ids"].to(acc.device), draws),
