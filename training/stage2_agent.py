@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch.utils.data import DataLoader
 from seedstory.config import resolve_path
 from seedstory.data.datasets import StorySampleDataset, collate_story_samples
+from seedstory.data.possible import PossibleNext
 
 from .common import (
     count_parameters, export, frozen_features, global_mean, prepare_training, resume, start_stage, train_loop,
@@ -58,10 +60,24 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         target_image_resolution=target_image_resolution, label_context=bool(d.get("label_context", False)),
         text_only=bool(d.get("text_only", False)), opening_share=float(d.get("opening_share", 0.0)),
+        possible_next=PossibleNext(pipe.tokenizer, pipe.prompt.image_ids.boi)
+        if float(cfg.train.get("possible_loss_scale") or 0) > 0 else None,
     )
     pad_id = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.prompt.eos_id
     return DataLoader(dataset, batch_size=int(cfg.train.batch_size), num_workers=int(d.get("num_workers", 0)),
                       collate_fn=partial(collate_story_samples, pad_id=pad_id))
+
+
+def possible_loss(logits: torch.Tensor, possible_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over the positions with possible tokens of -log(their total probability), and the positions' count.
+    ``logits`` [B, L, V] predict the next token; ``possible_ids`` [B, L, K] (-1: none) are aligned with the
+    tokens, as labels are."""
+    ids = possible_ids[:, 1:].to(logits.device)
+    given = ids >= 0
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids.clamp(min=0))
+    mass = torch.logsumexp(logp.masked_fill(~given, float("-inf")), dim=-1)  # [B, L-1]
+    rows = given.any(-1)
+    return -(mass[rows]).sum(), rows.sum()
 
 
 def main(argv=None) -> str:
@@ -88,19 +104,26 @@ def main(argv=None) -> str:
     start = resume(acc, out) if args.resume else 0
 
     scales = acc.unwrap_model(agent)
+    possible_scale = float(t.get("possible_loss_scale") or 0)
 
     def losses(batch):
         # Each process's means weighted by its share of the label tokens and target pictures: N processes
         # train (and log) what one process would with their whole batch.
         tokens = (batch["labels"][:, 1:] != -100).sum()
-        if text_only:
-            result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=None)
-            return {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
-        image_embeds = frozen_features(vit, batch["pixel_values"])
+        image_embeds = None if text_only else frozen_features(vit, batch["pixel_values"])
         result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)
-        lm = global_mean(acc, result["lm_loss"], tokens)
-        rec = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())
-        return {"total_loss": scales.lm_loss_scale * lm + scales.rec_loss_scale * rec, "lm_loss": lm, "rec_loss": rec}
+        out = {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
+        total = scales.lm_loss_scale * out["lm_loss"]
+        if not text_only:
+            out["rec_loss"] = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())
+            total = total + scales.rec_loss_scale * out["rec_loss"]
+        if possible_scale:
+            summed, count = possible_loss(result["logits"], batch["possible_ids"])
+            out["possible_loss"] = global_mean(acc, summed / count.clamp(min=1), count)
+            total = total + possible_scale * out["possible_loss"]
+        if len(out) > 1:
+            out = {"total_loss": total, **out}
+        return out
 
     train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
     trained = unwrap_trained(acc, agent)

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..image_processing import ImageProcessor
-from ..prompt import PromptFormat
+from ..prompt import IGNORE_INDEX, PromptFormat
 
 __all__ = ["StorySampleDataset", "ImageDataset", "collate_story_samples", "collate_images", "sdxl_resize_crop"]
 
@@ -138,8 +138,10 @@ class StorySampleDataset(_JsonlStream):
                  max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
                  target_image_resolution: Optional[int] = None, label_context: bool = False,
-                 text_only: bool = False, opening_share: float = 0.0):
+                 text_only: bool = False, opening_share: float = 0.0, possible_next=None):
         super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
+        self.possible_next = possible_next  # a PossibleNext: each sample also gets its captions' possible tokens
+        self._possible_cache: dict = {}
         if not 0.0 <= float(opening_share) <= 1.0:
             raise ValueError(f"opening_share must be between 0 and 1, not {opening_share}")
         self.opening_share = float(opening_share)
@@ -191,6 +193,8 @@ class StorySampleDataset(_JsonlStream):
             self.skipped["too long"] += 1
             return None
         out = encoded.as_dict()
+        if self.possible_next is not None:
+            out["possible_ids"] = self.possible_ids(rec, first, out["input_ids"], out["labels"])
         if self.text_only:
             return out
         pictures = [self.load_image(p) for p in images[first: target + 1]]
@@ -199,6 +203,30 @@ class StorySampleDataset(_JsonlStream):
         out["pixel_values"] = self.image_processor(pictures)
         if self.target_image_resolution:
             out["sd_pixel_values"], out["time_ids"] = sdxl_resize_crop(pictures[-1], int(self.target_image_resolution))
+        return out
+
+    def possible_ids(self, rec: dict, first: int, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[L, K] token ids possible at each labelled caption token and caption end (-1: none given), from
+        ``possible_next`` on the whole story (the story's state comes from its opening, not the window's)."""
+        key = rec.get("id") or hash(tuple(rec["captions"]))
+        if key not in self._possible_cache:
+            per_caption = self.possible_next.for_story([str(c) for c in rec["captions"]])
+            self._possible_cache[key] = [None if a is None else _ragged(a) for a in per_caption]
+        per_caption = self._possible_cache[key]
+        boi = self.prompt.image_ids.boi
+        rows: dict[int, np.ndarray] = {}
+        for i, b in enumerate((input_ids == boi).nonzero().flatten().tolist()):
+            table = per_caption[first + i] if first + i < len(per_caption) else None
+            if table is None or labels[b] == IGNORE_INDEX:
+                continue
+            m = table.shape[0] - 1  # the caption's tokens, then its <img>
+            for j in range(m + 1):
+                rows[b - m + j] = table[j]
+        width = max((len(r[r >= 0]) for r in rows.values()), default=1)
+        out = torch.full((input_ids.shape[0], width), -1, dtype=torch.long)
+        for pos, r in rows.items():
+            r = r[r >= 0]
+            out[pos, : len(r)] = torch.from_numpy(r.astype(np.int64))
         return out
 
     def __iter__(self):
@@ -275,6 +303,14 @@ def sample_seed(seed: int, epoch: int, k: int) -> torch.Tensor:
     return torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.int64)
 
 
+def _ragged(rows: list[list[int]]) -> np.ndarray:
+    """Lists of token ids as one int32 table padded with -1 (compact for a cache of many stories)."""
+    table = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table
+
+
 def _pad_stack(seqs: Sequence[torch.Tensor], value) -> torch.Tensor:
     length = max(s.shape[0] for s in seqs)
     out = seqs[0].new_full((len(seqs), length), value)
@@ -295,6 +331,14 @@ def collate_story_samples(samples: Sequence[dict], pad_id: int) -> dict:
         "embeds_cmp_mask": torch.cat([s["embeds_cmp_mask"] for s in samples]),
         "embeds_gen_mask": torch.cat([s["embeds_gen_mask"] for s in samples]),
     }
+    if "possible_ids" in samples[0]:  # [B, L, K], -1 where nothing is given
+        length = batch["input_ids"].shape[1]
+        width = max(s["possible_ids"].shape[1] for s in samples)
+        possible = torch.full((len(samples), length, width), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            p = s["possible_ids"]
+            possible[i, : p.shape[0], : p.shape[1]] = p
+        batch["possible_ids"] = possible
     if "pixel_values" in samples[0]:  # text-only samples have none
         batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     for key in ("sd_pixel_values", "time_ids", "sample_seed"):

@@ -64,15 +64,25 @@ class StoryState:
 
     def _apply(self, sentences: list[dict], judge: bool) -> list[str]:
         problems: list[str] = []
-        entered: Optional[str] = None  # a setting first reached by this caption: its ground is being stated
+        entered: Optional[str] = None
         for s in sentences:
-            why = self._sentence(s, entered, judge)
-            if s["event"] in ("travel", "travel_group", "scene") and self.setting not in self.visited:
-                entered = self.setting
-                self.visited.add(self.setting)
+            why, entered = self.apply_sentence(s, entered, judge)
             if why and judge:
                 problems.append(why)
         return problems
+
+    def apply_sentence(self, s: dict, entered: Optional[str], judge: bool = True) -> tuple[Optional[str], Optional[str]]:
+        """Apply one parsed sentence of a caption. ``entered`` is the setting this caption first reached (its
+        ground is being stated; None at the caption's start). Returns (why it is impossible or None, entered)."""
+        why = self._sentence(s, entered, judge)
+        if s["event"] in ("travel", "travel_group", "scene") and self.setting not in self.visited:
+            entered = self.setting
+            self.visited.add(self.setting)
+        return why, entered
+
+    def copy(self) -> "StoryState":
+        return StoryState(self.setting, {n: dict(c) for n, c in self.present.items()}, dict(self.away),
+                          {s: dict(g) for s, g in self.ground.items()}, set(self.visited))
 
     def where(self, prop: str) -> Optional[str]:
         """Where a prop is known to be, in words; None when the story has not placed it."""
