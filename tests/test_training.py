@@ -356,7 +356,8 @@ class _IdentityVAE:
 def test_detail_weights_make_errors_on_small_things_count_more():
     import torch
 
-    from training.stage0_vae import AutoencoderObjective, detail_weights
+    from training.stage0_vae import AutoencoderObjective
+    from training.detok_training import detail_weights
 
     image = torch.full((1, 3, 64, 64), 0.6)  # a flat background...
     image[:, :, 30:34, 30:34] = -0.7  # ...with one small dark thing on it
