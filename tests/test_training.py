@@ -290,6 +290,15 @@ def test_stage2_text_only_trains_the_llm_on_the_stories_text_alone(world, tmp_pa
     assert not torch.equal(before.agent.llm.lm_head.weight, after.agent.llm.lm_head.weight)
 
 
+def test_stage2_possible_loss_trains_beside_the_lm_loss(world, tmp_path):
+    run_stage("stage2_agent", "tiny-stage2.yaml", tmp_path, world, "train.max_steps=20", "data.text_only=true",
+              "data.label_context=true", f"data.image_root={tmp_path / 'no-images'}", "train.possible_loss_scale=2")
+    (steps, total), (_, lm), (_, possible) = (losses(tmp_path, c) for c in ("total_loss", "lm_loss", "possible_loss"))
+    assert steps[-1] == 20 and all(p > 0 for p in possible)
+    assert total[0] == pytest.approx(lm[0] + 2 * possible[0], rel=1e-4)
+    assert mean(possible[-5:]) < 0.8 * mean(possible[:5])
+
+
 def test_sigkill_then_resume(world, tmp_path):
     """A real ``kill -9`` while training: --resume picks up the last complete checkpoint and finishes."""
     cmd = [sys.executable, "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),

@@ -105,6 +105,7 @@ def main(argv=None) -> str:
 
     scales = acc.unwrap_model(agent)
     possible_scale = float(t.get("possible_loss_scale") or 0)
+    warned: list = []
 
     def losses(batch):
         # Each process's means weighted by its share of the label tokens and target pictures: N processes
@@ -119,6 +120,10 @@ def main(argv=None) -> str:
             total = total + scales.rec_loss_scale * out["rec_loss"]
         if possible_scale:
             summed, count = possible_loss(result["logits"], batch["possible_ids"])
+            if not count and not warned:
+                warned.append(True)
+                acc.print("train.possible_loss_scale: no caption of this batch follows the synthetic world's grammar, "
+                          "so the possible loss is 0 (it is for the synthetic world's stories only)")
             out["possible_loss"] = global_mean(acc, summed / count.clamp(min=1), count)
             total = total + possible_scale * out["possible_loss"]
         if len(out) > 1:
