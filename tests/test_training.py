@@ -365,8 +365,7 @@ class _IdentityVAE:
 def test_detail_weights_make_errors_on_small_things_count_more():
     import torch
 
-    from training.stage0_vae import AutoencoderObjective
-    from training.detok_training import detail_weights
+    from training.stage0_vae import AutoencoderObjective, detail_weights
 
     image = torch.full((1, 3, 64, 64), 0.6)  # a flat background...
     image[:, :, 30:34, 30:34] = -0.7  # ...with one small dark thing on it
@@ -383,32 +382,6 @@ def test_detail_weights_make_errors_on_small_things_count_more():
         weighted = [float(AutoencoderObjective(_IdentityVAE(e), 0.0, 1.0, 10.0)(image)[term]) for e in (on_thing, on_flat)]
         assert plain[0] == pytest.approx(plain[1])
         assert weighted[0] > 3 * weighted[1], (term, weighted)
-
-
-def test_detail_weight_makes_the_denoising_error_on_a_small_thing_count_more():
-    from training.detok_training import DenoisingObjective, cell_weights
-
-    image = torch.full((2, 3, 64, 64), 0.6)
-    image[:, :, 24:32, 24:32] = -0.7  # one small thing: latent cell (3, 3) of 8 x 8
-    latents = torch.zeros(2, 4, 8, 8)
-    assert cell_weights(image, 0.0, latents, 1) is None
-    w = cell_weights(image, 10.0, latents, 2)
-    assert w.shape == (4, 1, 8, 8) and float(w.mean()) == pytest.approx(1.0)
-    assert float(w[0, 0, 3, 3]) > 3 * float(w[0, 0, 0, 0])
-
-    class Echo(torch.nn.Module):  # a "de-tokenizer" predicting zero noise: the loss is the noise's square
-        def forward(self, noisy, timesteps, features, time_ids):
-            return torch.zeros_like(noisy)
-
-    objective = DenoisingObjective(Echo())
-    on_thing, on_flat = torch.zeros(4, 4, 8, 8), torch.zeros(4, 4, 8, 8)
-    on_thing[..., 3, 3], on_flat[..., 0, 0] = 1.0, 1.0
-    t = torch.zeros(4, dtype=torch.long)
-    plain = [float(objective(latents.repeat(2, 1, 1, 1), t, e, None, features=0)) for e in (on_thing, on_flat)]
-    weighted = [float(objective(latents.repeat(2, 1, 1, 1), t, e, None, features=0, cell_weights=w))
-                for e in (on_thing, on_flat)]
-    assert plain[0] == pytest.approx(plain[1])
-    assert weighted[0] > 3 * weighted[1]
 
 
 def test_text_tokenizer_on_world_captions(world, tmp_path):

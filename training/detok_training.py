@@ -12,33 +12,6 @@ from seedstory.models.detokenizer import Detokenizer
 from seedstory.models.qwen_vit import QwenVisionTransformer
 
 
-def detail_weights(images: torch.Tensor, strength: float, size: int = 9) -> torch.Tensor:
-    """Per-pixel loss weights [B, 1, H, W]: 1 + strength * |pixel - mean of its size x size neighbourhood|
-    (averaged over channels), scaled to mean 1 over the batch. Flat areas (sky, ground) weigh about 1; a
-    small thing unlike its surroundings (an accessory, a held prop) weighs more over its whole area, a
-    large one only along its outline."""
-    x = images.float()
-    local = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
-    w = 1 + strength * (x - local).abs().mean(1, keepdim=True)
-    return w / w.mean()
-
-
-def latent_detail_weights(images: torch.Tensor, strength: float, latent_size: tuple[int, int]) -> torch.Tensor:
-    """``detail_weights`` of the target pictures averaged over each latent cell [B, 1, h, w], mean 1: the
-    denoising loss then counts the cells of small things (a held prop, an accessory) as much as their share of
-    the picture's detail, not of its area."""
-    w = F.adaptive_avg_pool2d(detail_weights(images, strength), latent_size)
-    return w / w.mean()
-
-
-def cell_weights(images: torch.Tensor, strength: float, latents: torch.Tensor, draws: int) -> Optional[torch.Tensor]:
-    """``train.detail_weight`` of stages 1 and 3: ``latent_detail_weights`` of the target pictures in the order
-    ``noisy_latents`` repeats them; None when the strength is 0 (plain MSE)."""
-    if not strength:
-        return None
-    return repeat_draws(latent_detail_weights(images.float(), strength, tuple(latents.shape[-2:])), draws)
-
-
 def set_detokenizer_trainable(detok: Detokenizer, unet_params: str) -> None:
     """The resampler always; of the UNet, ``attn_kv`` (the release: every attention's to_k/to_v),
     ``full``, or ``none``. The VAE never."""
@@ -70,19 +43,15 @@ class DenoisingObjective(nn.Module):
         self.visual_tokenizer = visual_tokenizer
         self.noise_scheduler, self.snr_gamma = noise_scheduler, float(snr_gamma)
 
-    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None,
-                cell_weights=None):
-        """``cell_weights`` [B, 1, h, w] (optional) weigh each latent cell's squared error."""
+    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None):
         if features is None:
             features = self.visual_tokenizer(pixel_values)
         pred = self.detokenizer(noisy_latents, timesteps, features, time_ids)
-        error = F.mse_loss(pred.float(), noise.float(), reduction="none")  # [B, C, h, w]
-        if cell_weights is not None:
-            error = error * cell_weights.float()
         weights = min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
         if weights is None:
-            return error.mean()
-        return (error.mean(dim=(1, 2, 3)) * weights).mean()
+            return F.mse_loss(pred.float(), noise.float())
+        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+        return (per_sample * weights).mean()
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> Optional[torch.Tensor]:

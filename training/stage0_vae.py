@@ -19,7 +19,18 @@ from torch import nn
 from .common import (
     count_parameters, export, image_loader, prepare_training, resume, start_stage, train_loop, unwrap_trained,
 )
-from .detok_training import detail_weights, posterior_sample, sample_generators
+from .detok_training import posterior_sample, sample_generators
+
+
+def detail_weights(images: torch.Tensor, strength: float, size: int = 9) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + strength * |pixel - mean of its size x size neighbourhood|
+    (averaged over channels), scaled to mean 1 over the batch. Flat areas (sky, ground) weigh about 1; a
+    small thing unlike its surroundings (an accessory, a held prop) weighs more over its whole area, a
+    large one only along its outline."""
+    x = images.float()
+    local = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+    w = 1 + strength * (x - local).abs().mean(1, keepdim=True)
+    return w / w.mean()
 
 
 class AutoencoderObjective(nn.Module):

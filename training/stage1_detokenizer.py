@@ -7,8 +7,7 @@ features that let the de-tokenizer redraw characters, setting and layout. ``trai
 (default 0) trains the unconditional branch that classifier-free guidance needs: that share of samples is
 conditioned on the zero-image features, inference's negative. ``train.snr_gamma`` (default 0: plain MSE)
 weights the loss by Min-SNR-gamma, which makes the de-tokenizer learn to follow its condition sooner.
-``train.detail_weight`` (default 0) weighs each latent cell's error by the detail of the target picture there
-(stage 0's ``detail_weights``), so small things (props, accessories) count more. ``train.noise_draws`` (default 1) noises each VAE-encoded image that many times per step; ``train.ema_decay``
+``train.noise_draws`` (default 1) noises each VAE-encoded image that many times per step; ``train.ema_decay``
 (default 0: off) exports an exponential moving average of the weights.
 
     accelerate launch -m training.stage1_detokenizer --config configs/train/<...>.yaml [--resume]
@@ -24,7 +23,7 @@ from .common import (
     start_stage, train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, cell_weights, drop_condition, noisy_latents, per_sample, repeat_draws, sample_generators,
+    DenoisingObjective, drop_condition, noisy_latents, per_sample, repeat_draws, sample_generators,
     set_detokenizer_trainable,
 )
 
@@ -51,13 +50,11 @@ def main(argv=None) -> str:
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))
     draws = int(t.get("noise_draws", 1))
-    detail = float(t.get("detail_weight", 0.0))
 
     def losses(batch):
         generators = sample_generators(batch)
-        targets = batch["sd_pixel_values"].to(acc.device)
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, targets, generators, draws=draws)
-        weights = cell_weights(targets, detail, latents, draws)
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
+                                                  generators, draws=draws)
         pixels = batch["pixel_values"].to(acc.device)
         time_ids = repeat_draws(batch["time_ids"].to(acc.device), draws)
         if joint:
@@ -66,12 +63,12 @@ def main(argv=None) -> str:
             keep = per_sample(generators, lambda g: torch.rand(draws, generator=g), pixels) >= dropout
             keep = keep.to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
-            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels, cell_weights=weights)}
+            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
         with torch.no_grad():
             features = repeat_draws(frozen_features(vit, pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
                 features = drop_condition(features, negative, dropout, generators)
-        return {"loss": model(latents, timesteps, noise, time_ids, features=features, cell_weights=weights)}
+        return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)
     trained = unwrap_trained(acc, model)

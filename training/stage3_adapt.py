@@ -17,8 +17,7 @@ from .common import (
     train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, cell_weights, drop_condition, noisy_latents, repeat_draws, sample_generators,
-    set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, sample_generators, set_detokenizer_trainable,
 )
 from .stage2_agent import BATCH_KEYS, build_data
 
@@ -44,7 +43,6 @@ def main(argv=None) -> str:
     draws = int(t.get("noise_draws", 1))  # as in stage 1
 
     dropout = float(t.get("condition_dropout", 0.0))  # keep the guidance branch stage 1 trained, if any
-    detail = float(t.get("detail_weight", 0.0))  # as in stage 1
 
     def losses(batch):
         generators = sample_generators(batch)
@@ -54,11 +52,10 @@ def main(argv=None) -> str:
                               return_recon_image_embeds=True)["recon_image_embeds"].float()
             if dropout > 0:
                 regressed = drop_condition(regressed, negative, dropout, generators)
-        targets = batch["sd_pixel_values"].to(acc.device)
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, targets, generators, draws=draws)
-        weights = cell_weights(targets, detail, latents, draws)
+        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
+                                                  generators, draws=draws)
         return {"loss": model(latents, timesteps, noise, repeat_draws(batch["time_ids"].to(acc.device), draws),
-                              features=repeat_draws(regressed, draws), cell_weights=weights)}
+                              features=repeat_draws(regressed, draws))}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses, average)
     pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
