@@ -113,22 +113,22 @@ def main(argv=None) -> str:
         tokens = (batch["labels"][:, 1:] != -100).sum()
         image_embeds = None if text_only else frozen_features(vit, batch["pixel_values"])
         result = agent(**{k: batch[k].to(acc.device) for k in BATCH_KEYS}, image_embeds=image_embeds)
-        out = {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
-        total = scales.lm_loss_scale * out["lm_loss"]
+        logged = {"lm_loss": global_mean(acc, result["lm_loss"], tokens)}
+        total = scales.lm_loss_scale * logged["lm_loss"]
         if not text_only:
-            out["rec_loss"] = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())
-            total = total + scales.rec_loss_scale * out["rec_loss"]
+            logged["rec_loss"] = global_mean(acc, result["rec_loss"], batch["embeds_gen_mask"].sum())
+            total = total + scales.rec_loss_scale * logged["rec_loss"]
         if possible_scale:
             summed, count = possible_loss(result["logits"], batch["possible_ids"])
             if not count and not warned:
                 warned.append(True)
                 acc.print("train.possible_loss_scale: no caption of this batch follows the synthetic world's grammar, "
                           "so the possible loss is 0 (it is for the synthetic world's stories only)")
-            out["possible_loss"] = global_mean(acc, summed / count.clamp(min=1), count)
-            total = total + possible_scale * out["possible_loss"]
-        if len(out) > 1:
-            out = {"total_loss": total, **out}
-        return out
+            logged["possible_loss"] = global_mean(acc, summed / count.clamp(min=1), count)
+            total = total + possible_scale * logged["possible_loss"]
+        if len(logged) > 1:
+            logged = {"total_loss": total, **logged}
+        return logged
 
     train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
     trained = unwrap_trained(acc, agent)
