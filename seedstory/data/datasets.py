@@ -214,19 +214,15 @@ class StorySampleDataset(_JsonlStream):
             self._possible_cache[key] = [None if a is None else _ragged(a) for a in per_caption]
         per_caption = self._possible_cache[key]
         boi = self.prompt.image_ids.boi
-        rows: dict[int, np.ndarray] = {}
+        placed: list[tuple[int, np.ndarray]] = []  # (position of the caption's first token, its table)
         for i, b in enumerate((input_ids == boi).nonzero().flatten().tolist()):
             table = per_caption[first + i] if first + i < len(per_caption) else None
-            if table is None or labels[b] == IGNORE_INDEX:
-                continue
-            m = table.shape[0] - 1  # the caption's tokens, then its <img>
-            for j in range(m + 1):
-                rows[b - m + j] = table[j]
-        width = max((len(r[r >= 0]) for r in rows.values()), default=1)
+            if table is not None and labels[b] != IGNORE_INDEX:
+                placed.append((b - (table.shape[0] - 1), table))  # the caption's tokens, then its <img> at b
+        width = max((table.shape[1] for _, table in placed), default=1)
         out = torch.full((input_ids.shape[0], width), -1, dtype=torch.long)
-        for pos, r in rows.items():
-            r = r[r >= 0]
-            out[pos, : len(r)] = torch.from_numpy(r.astype(np.int64))
+        for start, table in placed:
+            out[start: start + table.shape[0], : table.shape[1]] = torch.from_numpy(table.astype(np.int64))
         return out
 
     def __iter__(self):

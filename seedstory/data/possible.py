@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 from .story_state import StoryState
-from .synthetic import parse_caption, parse_sentence, split_sentences
+from .synthetic import join_names, parse_caption, parse_sentence, split_sentences
 from .world import AT_PHRASE, CHARACTERS, POSITIONS, PROPS, SETTING_NAMES, TEMPLATES, setting_phrase
 
 __all__ = ["PossibleNext", "grammar_sentences"]
@@ -29,8 +29,8 @@ def _fillings(field: str) -> list[str]:
     if field in ("c", "c2"):
         return list(CHARACTERS)
     if field == "cs":
-        groups = [g for n in range(2, len(CHARACTERS) + 1) for g in itertools.permutations(CHARACTERS, n)]
-        return [", ".join(g[:-1]) + " and " + g[-1] for g in groups]
+        sizes = range(2, len(CHARACTERS) + 1)
+        return [join_names(list(g)) for n in sizes for g in itertools.permutations(CHARACTERS, n)]
     if field == "p":
         return list(PROPS)
     if field == "ap":
@@ -61,7 +61,7 @@ def grammar_sentences() -> tuple[dict, dict]:
             fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
             for values in itertools.product(*(_fillings(f) for f in fields)):
                 text = template.format(**dict(zip(fields, values)))
-                parsed = parse_sentence(text)
+                parsed = parse_sentence(text)  # as the analyzer reads it
                 if parsed is None:  # "Pim gives the apple to Pim."
                     continue
                 key = _key(parsed)
@@ -108,31 +108,31 @@ class PossibleNext:
 
     def _caption(self, state: StoryState, caption: str) -> Optional[list[list[int]]]:
         text = " ".join(str(caption).split())
-        if parse_caption(text) is None:
+        parsed = parse_caption(text)
+        if parsed is None:
             return None
-        sentences = split_sentences(text)
-        whole = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        sentences = split_sentences(text)  # the sentences parse_caption read, in order
+        mine = [self.ids(s, i > 0) for i, s in enumerate(sentences)]
+        if sum(map(len, mine)) != len(self.tokenizer.encode(text, add_special_tokens=False)):
+            return None  # the tokenizer merged across sentences: positions would not line up
         state = state.copy()
         entered = None
         allowed: list[list[int]] = []
-        for i, sentence in enumerate(sentences):
-            mine = self.ids(sentence, i > 0)
-            options = [self.ids(t, i > 0) for t in possible_sentences(state, entered)]
-            sets = [set() for _ in mine]
+        for i, (tokens, meaning) in enumerate(zip(mine, parsed["sentences"])):
+            sets = [set() for _ in tokens]
             if i > 0:
                 sets[0].add(self.end_id)  # the caption could have ended here
-            for seq in options:
+            for text_option in possible_sentences(state, entered):
+                seq = self.ids(text_option, i > 0)
                 same = 0
-                while same < min(len(seq), len(mine)) and seq[same] == mine[same]:
+                while same < min(len(seq), len(tokens)) and seq[same] == tokens[same]:
                     same += 1
-                for j in range(min(same + 1, len(mine), len(seq))):
+                for j in range(min(same + 1, len(tokens), len(seq))):
                     sets[j].add(seq[j])
-            why, entered = state.apply_sentence(parse_sentence(sentence), entered, True)
-            if why is not None or any(t not in s for t, s in zip(mine, sets)):
+            why, entered = state.apply_sentence(meaning, entered, True)
+            if why is not None or any(t not in s for t, s in zip(tokens, sets)):
                 return None
             allowed += [sorted(s) for s in sets]
         ends = {self.end_id} | {self.ids(t, True)[0] for t in possible_sentences(state, entered)}
         allowed.append(sorted(ends))
-        if sum(len(self.ids(s, i > 0)) for i, s in enumerate(sentences)) != len(whole):
-            return None  # the tokenizer merged across sentences: positions would not line up
         return allowed

@@ -232,7 +232,8 @@ def caption_agrees(text: str, scene: dict) -> list[str]:
 
 
 # ================================================================================================ stories
-def _join_names(names: list[str]) -> str:
+def join_names(names: list[str]) -> str:
+    """The names as the grammar's {cs} slot says them: "A and B", "A, B and C"."""
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -422,7 +423,7 @@ class _Story:
             if len(names) == 1:
                 s = [self.say("travel", c=names[0], s=dest)]
             else:
-                s = [self.say("travel_group", cs=_join_names(names), s=dest)]
+                s = [self.say("travel_group", cs=join_names(names), s=dest)]
             s += [self.lies_sentence(self.here()[pos], pos) for pos in POSITIONS if pos in self.here()]
             return s, {"type": "travel", "setting": dest, "characters": names}, set(names), set()
         raise ValueError(kind)
