@@ -7,6 +7,7 @@ exported model in the ``from_pretrained`` format the story engine loads).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -51,16 +52,41 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
 
 
 def engine_mismatch(env, distributed_type: str) -> Optional[str]:
-    """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one accelerate set up, or None.
-    accelerate enables FSDP only for GPU-type processes and DeepSpeed never on CPUs: a CPU launch with their
-    configs would quietly train with plain DDP, not sharded as asked."""
+    """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one set up, or None. accelerate
+    runs DeepSpeed only on GPUs, and FSDP on CPUs only as seedstory switches it on (``fsdp_on_cpus``: FSDP 2):
+    a CPU launch with another of their configs would quietly train with plain DDP, not sharded as asked."""
     for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if str(env.get(variable, "false")).lower() == "true" and distributed_type != name.upper():
-            return (f"the launch config asks for {name}, but accelerate "
-                    f"set these processes up as {distributed_type}: it runs FSDP and DeepSpeed on GPUs only. On "
-                    "CPUs, launch without that config (torchrun --nproc_per_node N, or configs/accelerate/cpu.yaml): "
-                    "plain data parallelism, which trains the same model")
+            how = ("FSDP runs on CPUs as FSDP 2 only: set fsdp_version: 2 in the launch config, or launch without it"
+                   if name == "FSDP" else "DeepSpeed runs on GPUs only. On CPUs, launch without that config")
+            return (f"the launch config asks for {name}, but accelerate set these processes up as "
+                    f"{distributed_type}: {how} (torchrun --nproc_per_node N, or configs/accelerate/cpu.yaml: "
+                    "plain data parallelism, which trains the same model)")
     return None
+
+
+def fsdp_on_cpus(accelerator) -> bool:
+    """Switch CPU processes whose launch config asks for FSDP 2 to it; True when switched. accelerate sets FSDP
+    up for GPU-type processes only, while torch's FSDP 2 (``fully_shard``) also shards across CPU processes
+    (gloo): with the switch, CI and CPU clusters run the FSDP path of a GPU launch (sharding, sharded
+    checkpoints, the gathered export). The plugin is read from the launch config's environment, as accelerate
+    reads it on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (accelerator.distributed_type != DistributedType.MULTI_CPU
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        return False
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    # AcceleratorState re-reads the process's shared state whenever it is made again (e.g. by save_state)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return True
 
 
 def _accelerator(cfg: DictConfig, out: str, cpu: bool):
@@ -97,6 +123,7 @@ def make_accelerator(cfg: DictConfig):
         if problem:
             raise RuntimeError(problem) from e
         raise
+    fsdp_on_cpus(acc)
     if acc.num_processes != asked:
         raise RuntimeError(f"the launcher started {asked} processes but they train as {acc.num_processes}: "
                            "they would each train their own model")
@@ -246,9 +273,24 @@ def blocks_to_wrap(model: torch.nn.Module) -> list[str]:
     return [n for n in names if n in present]
 
 
+SHARDING_ENGINES = ("FSDP", "DEEPSPEED")
+
+
+def weightless_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``'s structure with its parameters on the meta device (no memory; buffers shared): where the full
+    weights gathered from a sharded run are put for the export. Sharding changes the modules themselves (FSDP 2
+    swaps their class and parameters), so the copy is taken before."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
-    """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate. Under
-    FSDP each stage wraps the blocks of what it trains, unless the launch config names its own."""
+    """The optimizer and schedule for ``model``'s trainable parameters, all three prepared by accelerate, and
+    (under FSDP or DeepSpeed, which shard the model) its ``weightless_copy`` for ``unwrap_trained``; None
+    otherwise. Under FSDP each stage wraps the blocks of what it trains, unless the launch config names its own
+    (every sharded part must then run inside the model's forward, where FSDP gathers its weights)."""
     lower = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
     if lower and str(getattr(accelerator, "mixed_precision", "no")) == "no":
         raise ValueError(f"the model is loaded in {', '.join(sorted(map(str, lower)))} (model.dtype): train it with "
@@ -263,8 +305,9 @@ def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
                          "config, use DeepSpeed, or load in fp32")
     if plugin is not None and not plugin.transformer_cls_names_to_wrap:
         plugin.transformer_cls_names_to_wrap = blocks_to_wrap(model)
+    shell = weightless_copy(model) if accelerator.distributed_type.value in SHARDING_ENGINES else None
     optimizer, scheduler = make_optimizer(model.parameters(), t)
-    return accelerator.prepare(model, optimizer, scheduler)
+    return (*accelerator.prepare(model, optimizer, scheduler), shell)
 
 
 def image_loader(cfg: DictConfig, pipe: SeedStoryPipeline, accelerator, resolution: int, random_crop: bool = False):
@@ -323,14 +366,17 @@ def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
     return pipe
 
 
-def unwrap_trained(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The trained module with its full weights, also when DeepSpeed ZeRO-3 or FSDP shard them across
-    processes (``get_state_dict`` gathers them; a plain ``unwrap_model`` would hold empty shards)."""
+def unwrap_trained(accelerator, model: torch.nn.Module, shell: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """The trained module with its full weights, for the export. When DeepSpeed or FSDP shard it across
+    processes, ``get_state_dict`` gathers the weights to the main process (the one that exports), which puts them
+    into ``shell`` (prepare_training's weightless copy); the other processes get the shell without weights.
+    Every process must call it (the gathering is collective)."""
     state = accelerator.get_state_dict(model)
-    module = accelerator.unwrap_model(model)
-    if state is not None and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        module.load_state_dict(state)
-    return module
+    if accelerator.distributed_type.value not in SHARDING_ENGINES:
+        return accelerator.unwrap_model(model)
+    if state:
+        shell.load_state_dict(state, assign=True)
+    return shell
 
 
 def export(accelerator, pipe: SeedStoryPipeline, out_dir: str) -> Optional[str]:

@@ -43,9 +43,18 @@ class DenoisingObjective(nn.Module):
         self.visual_tokenizer = visual_tokenizer
         self.noise_scheduler, self.snr_gamma = noise_scheduler, float(snr_gamma)
 
-    def forward(self, noisy_latents, timesteps, noise, time_ids, features=None, pixel_values=None):
+    def forward(self, sd_pixel_values, generators: list[torch.Generator], time_ids, features=None, pixel_values=None,
+                draws: int = 1):
+        """The loss of one batch: its pictures VAE-encoded and noised (``noisy_latents``: ``draws`` noisings each)
+        inside the forward, where FSDP gathers the VAE's weights like the rest, then denoised. ``time_ids`` and
+        ``features`` / ``pixel_values`` come already repeated for the draws."""
+        latents, timesteps, noise = noisy_latents(self.detokenizer.vae, self.noise_scheduler, sd_pixel_values,
+                                                  generators, draws=draws)
         if features is None:
             features = self.visual_tokenizer(pixel_values)
+        return self.denoising_loss(latents, timesteps, noise, time_ids, features)
+
+    def denoising_loss(self, noisy_latents, timesteps, noise, time_ids, features):
         pred = self.detokenizer(noisy_latents, timesteps, features, time_ids)
         weights = min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
         if weights is None:

@@ -90,7 +90,7 @@ def main(argv=None) -> str:
     acc.print(f"vae: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
     loader = image_loader(cfg, pipe, acc, resolution)
-    model, optimizer, scheduler = prepare_training(acc, model, t)
+    model, optimizer, scheduler, shell = prepare_training(acc, model, t)
     start = resume(acc, out) if args.resume else 0
     crop = int(d.get("crop") or resolution)
 
@@ -99,8 +99,8 @@ def main(argv=None) -> str:
         return model(random_crops(batch["sd_pixel_values"], crop, generators).to(acc.device), generators)
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vae", start, losses)
-    vae = unwrap_trained(acc, model).vae.eval()
-    if t.get("set_scaling_factor", True):
+    vae = unwrap_trained(acc, model, shell).vae.eval()
+    if t.get("set_scaling_factor", True) and acc.is_main_process:  # (what the main process exports)
         # As Stable Diffusion did: scale latents to unit variance, so the noise schedule means what it says.
         std = latent_std(vae, loader, int(t.get("scaling_batches", 8)), acc.device)
         vae.register_to_config(scaling_factor=1.0 / std)

@@ -50,14 +50,14 @@ def main(argv=None) -> str:
     acc.print(f"visual tokenizer + read-out: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
     loader = image_loader(cfg, pipe, acc, resolution)
-    model, optimizer, scheduler = prepare_training(acc, model, t)
+    model, optimizer, scheduler, shell = prepare_training(acc, model, t)
     start = resume(acc, out) if args.resume else 0
 
     def losses(batch):
         return model(batch["pixel_values"].to(acc.device), batch["sd_pixel_values"].to(acc.device))
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage0_vit", start, losses)
-    pipe.visual_tokenizer = unwrap_trained(acc, model).vit.eval()
+    pipe.visual_tokenizer = unwrap_trained(acc, model, shell).vit.eval()
     path = export(acc, pipe, out)
     acc.end_training()
     return path

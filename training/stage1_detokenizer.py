@@ -23,7 +23,7 @@ from .common import (
     start_stage, train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, per_sample, repeat_draws, sample_generators,
+    DenoisingObjective, drop_condition, per_sample, repeat_draws, sample_generators,
     set_detokenizer_trainable,
 )
 
@@ -41,11 +41,11 @@ def main(argv=None) -> str:
         vit.eval().to(acc.device)
         with torch.no_grad():
             negative = vit.unconditional_features()  # the frozen ViT's guidance negative: the same every step
-    vae = detok.vae.eval().to(acc.device)
+    detok.vae.eval()  # frozen: the objective encodes the pictures with it
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
     loader = image_loader(cfg, pipe, acc, resolution, random_crop=bool(d.get("random_crop", False)))
-    model, optimizer, scheduler = prepare_training(acc, model, t)
+    model, optimizer, scheduler, shell = prepare_training(acc, model, t)
     average = make_weight_average(acc, model, t)
     start = resume(acc, out) if args.resume else 0
     dropout = float(t.get("condition_dropout", 0.0))
@@ -53,8 +53,7 @@ def main(argv=None) -> str:
 
     def losses(batch):
         generators = sample_generators(batch)
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
-                                                  generators, draws=draws)
+        sd_pixels = batch["sd_pixel_values"].to(acc.device)
         pixels = batch["pixel_values"].to(acc.device)
         time_ids = repeat_draws(batch["time_ids"].to(acc.device), draws)
         if joint:
@@ -63,15 +62,15 @@ def main(argv=None) -> str:
             keep = per_sample(generators, lambda g: torch.rand(draws, generator=g), pixels) >= dropout
             keep = keep.to(pixels.dtype)
             pixels = pixels * keep[:, None, None, None] if dropout > 0 else pixels
-            return {"loss": model(latents, timesteps, noise, time_ids, pixel_values=pixels)}
+            return {"loss": model(sd_pixels, generators, time_ids, pixel_values=pixels, draws=draws)}
         with torch.no_grad():
             features = repeat_draws(frozen_features(vit, pixels), draws)  # encoded once per image, like the latents
             if dropout > 0:
                 features = drop_condition(features, negative, dropout, generators)
-        return {"loss": model(latents, timesteps, noise, time_ids, features=features)}
+        return {"loss": model(sd_pixels, generators, time_ids, features=features, draws=draws)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage1_detokenizer", start, losses, average)
-    trained = unwrap_trained(acc, model)
+    trained = unwrap_trained(acc, model, shell)
     pipe.detokenizer = trained.detokenizer.eval()
     if joint:
         pipe.visual_tokenizer = trained.visual_tokenizer.eval()

@@ -100,7 +100,7 @@ def main(argv=None) -> str:
         agent.llm.gradient_checkpointing_enable()
     acc.print(f"agent: {count_parameters(agent)}")
     loader = build_data(cfg, pipe, acc)
-    agent, optimizer, scheduler = prepare_training(acc, agent, t)
+    agent, optimizer, scheduler, shell = prepare_training(acc, agent, t)
     start = resume(acc, out) if args.resume else 0
 
     scales = acc.unwrap_model(agent)
@@ -131,7 +131,7 @@ def main(argv=None) -> str:
         return logged
 
     train_loop(acc, agent, optimizer, scheduler, loader, cfg, out, "stage2_agent", start, losses)
-    trained = unwrap_trained(acc, agent)
+    trained = unwrap_trained(acc, agent, shell)
     if lora:
         trained.llm = trained.llm.merge_and_unload()
     pipe.agent = trained.eval().float()

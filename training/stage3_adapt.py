@@ -17,7 +17,7 @@ from .common import (
     train_loop, unwrap_trained,
 )
 from .detok_training import (
-    DenoisingObjective, drop_condition, noisy_latents, repeat_draws, sample_generators, set_detokenizer_trainable,
+    DenoisingObjective, drop_condition, repeat_draws, sample_generators, set_detokenizer_trainable,
 )
 from .stage2_agent import BATCH_KEYS, build_data
 
@@ -33,11 +33,11 @@ def main(argv=None) -> str:
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
     noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
     model = DenoisingObjective(detok, None, noise_scheduler, float(t.get("snr_gamma", 0.0)))  # as in stage 1
-    vae = detok.vae.eval().to(acc.device)
+    detok.vae.eval()  # frozen: the objective encodes the pictures with it
     acc.print(f"trained: {count_parameters(model)}")
     resolution = int(d.get("resolution") or detok.default_size[0])
     loader = build_data(cfg, pipe, acc, target_image_resolution=resolution)
-    model, optimizer, scheduler = prepare_training(acc, model, t)
+    model, optimizer, scheduler, shell = prepare_training(acc, model, t)
     average = make_weight_average(acc, model, t)  # train.ema_decay, as in stage 1
     start = resume(acc, out) if args.resume else 0
     draws = int(t.get("noise_draws", 1))  # as in stage 1
@@ -52,13 +52,12 @@ def main(argv=None) -> str:
                               return_recon_image_embeds=True)["recon_image_embeds"].float()
             if dropout > 0:
                 regressed = drop_condition(regressed, negative, dropout, generators)
-        latents, timesteps, noise = noisy_latents(vae, noise_scheduler, batch["sd_pixel_values"].to(acc.device),
-                                                  generators, draws=draws)
-        return {"loss": model(latents, timesteps, noise, repeat_draws(batch["time_ids"].to(acc.device), draws),
-                              features=repeat_draws(regressed, draws))}
+        return {"loss": model(batch["sd_pixel_values"].to(acc.device), generators,
+                              repeat_draws(batch["time_ids"].to(acc.device), draws),
+                              features=repeat_draws(regressed, draws), draws=draws)}
 
     train_loop(acc, model, optimizer, scheduler, loader, cfg, out, "stage3_adapt", start, losses, average)
-    pipe.detokenizer = unwrap_trained(acc, model).detokenizer.eval()
+    pipe.detokenizer = unwrap_trained(acc, model, shell).detokenizer.eval()
     path = export(acc, pipe, out)
     acc.end_training()
     return path
