@@ -145,6 +145,33 @@ def test_min_snr_weights_cap_the_clean_timesteps_only():
         DenoisingObjective(Echo(), snr_gamma=5.0)
 
 
+def test_the_objective_encodes_the_pictures_in_fp32_under_mixed_precision(tiny_pipeline):
+    """The de-tokenizer stages' VAE encodes inside the objective's forward (so FSDP gathers its weights), which
+    accelerate runs under autocast with mixed precision: the VAE must stay fp32 there, the UNet need not."""
+    from diffusers import DDPMScheduler
+
+    from training.detok_training import DenoisingObjective
+
+    detok = tiny_pipeline.detokenizer
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, out):
+            seen.setdefault(name, out.dtype)
+        return hook
+
+    detok.vae.encoder.register_forward_hook(record("vae"))
+    detok.unet.conv_in.register_forward_hook(record("unet"))
+    objective = DenoisingObjective(detok, None, DDPMScheduler.from_config(detok.scheduler.config))
+    size = detok.default_size[0]
+    pixels = torch.rand(1, 3, size, size) * 2 - 1
+    features = torch.zeros(1, tiny_pipeline.agent.num_img_tokens, tiny_pipeline.visual_tokenizer.config.output_dim)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective(pixels, [torch.Generator().manual_seed(0)], time_ids, features=features)
+    assert seen == {"vae": torch.float32, "unet": torch.bfloat16} and torch.isfinite(loss)
+
+
 def test_stage1_weights_its_loss_by_snr_gamma(world, tmp_path):
     """The first step sees the same batch, noise and timesteps; only the weights differ. A tiny gamma
     weighs nearly every timestep below 1 (gamma 5 would leave a small batch's noisy timesteps at 1)."""

@@ -48,8 +48,10 @@ class DenoisingObjective(nn.Module):
         """The loss of one batch: its pictures VAE-encoded and noised (``noisy_latents``: ``draws`` noisings each)
         inside the forward, where FSDP gathers the VAE's weights like the rest, then denoised. ``time_ids`` and
         ``features`` / ``pixel_values`` come already repeated for the draws."""
-        latents, timesteps, noise = noisy_latents(self.detokenizer.vae, self.noise_scheduler, sd_pixel_values,
-                                                  generators, draws=draws)
+        # the VAE stays fp32 under mixed precision (in half precision the SDXL VAE's activations overflow)
+        with torch.autocast(sd_pixel_values.device.type, enabled=False):
+            latents, timesteps, noise = noisy_latents(self.detokenizer.vae, self.noise_scheduler, sd_pixel_values,
+                                                      generators, draws=draws)
         if features is None:
             features = self.visual_tokenizer(pixel_values)
         return self.denoising_loss(latents, timesteps, noise, time_ids, features)
