@@ -451,20 +451,28 @@ def test_stage0_vit_learns_image_dependent_features(world, tmp_path):
     assert features.std(dim=0).mean() > 0.05 * features.std()
 
 
+ENGINE_CONFIGS = {"fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+ENGINE_NAMES = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+
+
 def two_processes(engine: str, port: str) -> list[str]:
-    """The command that launches two CPU processes under ``engine``: plain DDP (torchrun) or FSDP (accelerate
-    launch with our FSDP config, fp32 so the curve can equal one process's)."""
-    if engine == "fsdp":
+    """The command that launches two CPU processes under ``engine``: plain DDP (torchrun), or FSDP 2 or
+    DeepSpeed ZeRO-2/3 (accelerate launch with our config, fp32 so the curve can equal one process's)."""
+    if engine in ENGINE_CONFIGS:
+        if engine.startswith("zero"):
+            pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[train])")
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                os.path.join(ROOT, "configs", "accelerate", "fsdp.yaml"), "--num_processes", "2",
+                os.path.join(ROOT, "configs", "accelerate", ENGINE_CONFIGS[engine]), "--num_processes", "2",
                 "--mixed_precision", "no", "--main_process_port", port]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
 
 
-@pytest.mark.parametrize("engine, ports", [("ddp", ("29550", "29551", "29552")), ("fsdp", ("29553", "29554", "29555"))])
+@pytest.mark.parametrize("engine, ports", [("ddp", ("29550", "29551", "29552")), ("fsdp", ("29553", "29554", "29555")),
+                                           ("zero3", ("29556", "29557", "29558"))])
 def test_kill_9_under_two_processes_then_resume_gives_the_same_curve(world, tmp_path, engine, ports):
-    """``kill -9`` of a 2-process DDP or FSDP run (launcher and both ranks) once a checkpoint is written, then
-    ``--resume`` (FSDP: from each process's shards): the loss curve of the run that was never interrupted."""
+    """``kill -9`` of a 2-process DDP, FSDP or DeepSpeed ZeRO-3 run (launcher and both ranks) once a checkpoint
+    is written, then ``--resume`` (FSDP, ZeRO: from each process's shards): the loss curve of the run that was
+    never interrupted."""
     import signal
     import time
 
@@ -507,17 +515,24 @@ STAGE_RUNS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """Each stage's one-process run with the global batch (4), made once and shared by the engines' tests."""
+    return {"dir": tmp_path_factory.mktemp("one_process"), "done": set()}
+
+
 # (stage 2 under DDP: test_two_cpu_processes_train_one_model_together, with resume and two "nodes")
 @pytest.mark.parametrize("module, config, extra, engine, port", [
-    (*run, engine, str(29560 + 10 * e + i)) for e, engine in enumerate(("ddp", "fsdp"))
+    (*run, engine, str(29560 + 10 * e + i)) for e, engine in enumerate(("ddp", "fsdp", "zero2", "zero3"))
     for i, run in enumerate(STAGE_RUNS) if (run[0], engine) != ("stage2_agent", "ddp")])
-def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tmp_path, opening_image, module, config, port, extra,
-                                                  engine):
-    """Each stage under two CPU processes (gloo), batch 2 each, plain DDP (``torchrun --nproc_per_node 2``) or
-    FSDP (``accelerate launch --config_file configs/accelerate/fsdp.yaml``), against one process with batch 4: the
-    same samples step by step (the datasets shard one stream) with the same random draws (each sample's crop,
-    noise, timestep and dropout come from its own place in the stream), so the same loss curve; one export (under
-    FSDP gathered from both processes' shards) with the weights one process trains, which loads and generates."""
+def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_process_runs, tmp_path, opening_image, module,
+                                                  config, port, extra, engine):
+    """Each stage under two CPU processes (gloo), batch 2 each, plain DDP (``torchrun --nproc_per_node 2``), FSDP 2
+    or DeepSpeed ZeRO-2 / ZeRO-3 (``accelerate launch --config_file configs/accelerate/<engine>.yaml``), against
+    one process with batch 4: the same samples step by step (the datasets shard one stream) with the same random
+    draws (each sample's crop, noise, timestep and dropout come from its own place in the stream), so the same loss
+    curve; one export (under FSDP and ZeRO-3 gathered from both processes' shards) with the weights one process
+    trains, which loads and generates."""
     from seedstory.engine import StoryEngine
     from seedstory.pipeline import SeedStoryPipeline
 
@@ -534,15 +549,18 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tmp_path, 
 
     two = launch(tmp_path / "two", two_processes(engine, port), "train.batch_size=2")
     # (the two processes' lines may reach the shared output interleaved)
-    kind = "FSDP" if engine == "fsdp" else "MULTI_CPU"
+    kind = ENGINE_NAMES[engine]
     assert sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two)) == [(kind, "0", "2"), (kind, "1", "2")]
-    launch(tmp_path / "one", [sys.executable], "train.batch_size=4")
+    one = one_process_runs["dir"] / module
+    if module not in one_process_runs["done"]:
+        launch(one, [sys.executable], "train.batch_size=4")
+        one_process_runs["done"].add(module)
     column = "total_loss" if module == "stage2_agent" else "loss"
     steps, curve_two = losses(tmp_path / "two", column)
     assert steps == [1, 2, 3]
-    assert curve_two == pytest.approx(losses(tmp_path / "one", column)[1], rel=1e-4)
+    assert curve_two == pytest.approx(losses(one, column)[1], rel=1e-4)
     assert two.count("exported") == 1
-    exported = [SeedStoryPipeline.from_pretrained(str(tmp_path / run / "final")) for run in ("two", "one")]
+    exported = [SeedStoryPipeline.from_pretrained(str(run / "final")) for run in (tmp_path / "two", one)]
     for part in ("visual_tokenizer", "agent", "detokenizer"):
         ours, theirs = (getattr(p, part).state_dict() for p in exported)
         assert ours.keys() == theirs.keys()

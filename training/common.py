@@ -7,6 +7,7 @@ exported model in the ``from_pretrained`` format the story engine loads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -41,7 +42,27 @@ def start_stage(doc: str, argv=None):
     args = parse_args(doc.splitlines()[1], argv)
     cfg = load_config(args.config, args.overrides)
     acc, out = make_accelerator(cfg)
-    return args, cfg, acc, out, load_pipeline(cfg)
+    with loading_whole(acc):
+        pipe = load_pipeline(cfg)
+    return args, cfg, acc, out, pipe
+
+
+@contextlib.contextmanager
+def loading_whole(accelerator):
+    """Under DeepSpeed ZeRO-3, transformers loads every LLM already partitioned (empty tensors, which the
+    pipeline's checks and its other components cannot use), whatever ``zero3_init_flag`` says: the model loads
+    whole here, in model.dtype, and accelerate.prepare partitions it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
@@ -52,13 +73,14 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
 
 
 def engine_mismatch(env, distributed_type: str) -> Optional[str]:
-    """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one set up, or None. accelerate
-    runs DeepSpeed only on GPUs, and FSDP on CPUs only as seedstory switches it on (``fsdp_on_cpus``: FSDP 2):
-    a CPU launch with another of their configs would quietly train with plain DDP, not sharded as asked."""
+    """Why the engine the launch config asked for (FSDP, DeepSpeed) is not the one set up, or None. On CPUs
+    accelerate runs FSDP only as seedstory switches it on (``fsdp_on_cpus``: FSDP 2) and DeepSpeed only when not
+    told the processes run on CPUs: otherwise such a launch would quietly train with plain DDP, not sharded."""
     for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if str(env.get(variable, "false")).lower() == "true" and distributed_type != name.upper():
             how = ("FSDP runs on CPUs as FSDP 2 only: set fsdp_version: 2 in the launch config, or launch without it"
-                   if name == "FSDP" else "DeepSpeed runs on GPUs only. On CPUs, launch without that config")
+                   if name == "FSDP" else "on CPUs DeepSpeed needs several processes and no train.cpu; or launch "
+                                          "without that config")
             return (f"the launch config asks for {name}, but accelerate set these processes up as "
                     f"{distributed_type}: {how} (torchrun --nproc_per_node N, or configs/accelerate/cpu.yaml: "
                     "plain data parallelism, which trains the same model)")
@@ -89,12 +111,26 @@ def fsdp_on_cpus(accelerator) -> bool:
     return True
 
 
-def _accelerator(cfg: DictConfig, out: str, cpu: bool):
+def deepspeed_from_config(accelerator, t: DictConfig) -> None:
+    """Under DeepSpeed, the training config is the one source of the batch size, the accumulation and the
+    clipping: DeepSpeed's config takes them from it (accelerate fills in ``auto`` batch sizes only from a
+    prepared DataLoader, and the stages prepare no loader: each process reads its share of one stream)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    micro, steps = int(t.batch_size), int(t.get("gradient_accumulation_steps", 1))
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=steps,
+                                   train_batch_size=micro * steps * accelerator.num_processes,
+                                   gradient_clipping=float(t.get("max_grad_norm") or 0.0))
+
+
+def _accelerator(cfg: DictConfig, out: str, cpu: bool, backend: Optional[str] = None):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     t = cfg.train
     return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if backend else None,
         mixed_precision=t.get("mixed_precision"),  # None: the accelerate launch config decides
         gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
         log_with=list(cfg.get("log_with", ["tensorboard"])) or None,
@@ -114,16 +150,20 @@ def make_accelerator(cfg: DictConfig):
     t = cfg.train
     asked = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher (torchrun, accelerate, mpirun) started
     # Without a GPU, accelerate joins the processes (gloo) only when told they run on CPUs; otherwise each one
-    # trains alone as "rank 0 of 1".
-    cpu = bool(t.get("cpu", False)) or (asked > 1 and not torch.cuda.is_available())
+    # trains alone as "rank 0 of 1". Told so, it never sets DeepSpeed up, which itself runs on CPUs over gloo:
+    # DeepSpeed launches are given the backend instead.
+    cpu_processes = asked > 1 and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = bool(t.get("cpu", False)) or (cpu_processes and not deepspeed)
     try:
-        acc = _accelerator(cfg, out, cpu)
+        acc = _accelerator(cfg, out, cpu, backend="gloo" if cpu_processes and deepspeed else None)
     except (RuntimeError, ValueError) as e:  # e.g. accelerate's own refusal of FSDP on CPUs, in its words
         problem = engine_mismatch(os.environ, "MULTI_CPU" if cpu else "NO")
         if problem:
             raise RuntimeError(problem) from e
         raise
     fsdp_on_cpus(acc)
+    deepspeed_from_config(acc, t)
     if acc.num_processes != asked:
         raise RuntimeError(f"the launcher started {asked} processes but they train as {acc.num_processes}: "
                            "they would each train their own model")
