@@ -26,6 +26,10 @@ from seedstory.atomic import write_dir, write_json
 from seedstory.config import DTYPES, resolve_path
 from seedstory.pipeline import SeedStoryPipeline
 
+if not torch.cuda.is_available():
+    # DeepSpeed, which accelerate imports once it is installed, otherwise warns on every run that it found no GPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
