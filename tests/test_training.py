@@ -477,7 +477,8 @@ def test_kill_9_under_two_processes_then_resume_gives_the_same_curve(world, tmp_
     import time
 
     def command(run, port, resume=False):
-        return [*two_processes(engine, port), "-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
+        return [*two_processes(engine, port), "-m", "training.stage2_agent",
+                "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"),
                 *(["--resume"] if resume else []), f"output_dir={run}", "log_with=[]", "train.max_steps=30",
                 "train.checkpoint_every=2", "train.keep_checkpoints=50", *data_overrides(world)]
 
