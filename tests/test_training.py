@@ -634,6 +634,31 @@ def test_two_cpu_processes_train_one_model_together(world, tmp_path):
         torch.testing.assert_close(value, trained[1][key], rtol=1e-3, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def test_two_nodes_with_the_multi_node_config_train_one_model(world, tmp_path):
+    """The README's two-node launch (configs/accelerate/multi_node.yaml: DeepSpeed ZeRO-2, each node starting its
+    own processes), as two "nodes" on this machine (``--machine_rank 0|1 --main_process_ip 127.0.0.1``, one
+    process each): ranks 0 and 1 of 2, and the curve of one process with the global batch."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[train])")
+    stage = ["-m", "training.stage2_agent", "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"), "log_with=[]",
+             "train.max_steps=3", "train.batch_size=2", *data_overrides(world)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               os.path.join(ROOT, "configs", "accelerate", "multi_node.yaml"), "--machine_rank", str(r),
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", "29537", "--num_machines", "2",
+                               "--num_processes", "2", "--mixed_precision", "no", *stage,
+                               f"output_dir={tmp_path / 'nodes'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    ranks = sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", outs[0][0] + outs[1][0]))
+    assert ranks == [("DEEPSPEED", "0", "2"), ("DEEPSPEED", "1", "2")]
+    one = subprocess.run([sys.executable, *stage, "train.batch_size=4", f"output_dir={tmp_path / 'one'}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    steps, curve = losses(tmp_path / "nodes", "total_loss")
+    assert steps == [1, 2, 3] and curve == pytest.approx(losses(tmp_path / "one", "total_loss")[1], rel=1e-4)
+
+
 def test_an_engine_accelerate_cannot_give_is_refused_by_name():
     """A launch config asking for FSDP or DeepSpeed on CPUs (accelerate quietly falls back to plain DDP there)
     stops with a message naming the engine asked for, what was set up, and what to launch instead."""
