@@ -646,8 +646,9 @@ def test_two_nodes_with_the_multi_node_config_train_one_model(world, tmp_path):
                                os.path.join(ROOT, "configs", "accelerate", "multi_node.yaml"), "--machine_rank", str(r),
                                "--main_process_ip", "127.0.0.1", "--main_process_port", "29537", "--num_machines", "2",
                                "--num_processes", "2", "--mixed_precision", "no", *stage,
-                               f"output_dir={tmp_path / 'nodes'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+                               f"output_dir={tmp_path / 'nodes'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # (accelerate writes
+    # .deepspeed_env, a copy of the environment, where it runs)
     outs = [n.communicate(timeout=600) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
     ranks = sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", outs[0][0] + outs[1][0]))
