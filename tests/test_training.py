@@ -147,7 +147,8 @@ def test_min_snr_weights_cap_the_clean_timesteps_only():
 
 def test_the_objective_encodes_the_pictures_in_fp32_under_mixed_precision(tiny_pipeline):
     """The de-tokenizer stages' VAE encodes inside the objective's forward (so FSDP gathers its weights), which
-    accelerate runs under autocast with mixed precision: the VAE must stay fp32 there, the UNet need not."""
+    accelerate runs under autocast with mixed precision (one process or DDP): the VAE must stay fp32 there, the
+    UNet need not. (FSDP 2 and DeepSpeed cast the module itself to their dtype.)"""
     from diffusers import DDPMScheduler
 
     from training.detok_training import DenoisingObjective
@@ -658,6 +659,26 @@ def test_two_nodes_with_the_multi_node_config_train_one_model(world, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     steps, curve = losses(tmp_path / "nodes", "total_loss")
     assert steps == [1, 2, 3] and curve == pytest.approx(losses(tmp_path / "one", "total_loss")[1], rel=1e-4)
+
+
+def test_a_weight_average_is_refused_where_the_weights_are_sharded():
+    """``train.ema_decay`` under FSDP or ZeRO-3 would average and checkpoint each process's shard: refused with a
+    message; ZeRO-2 and DDP keep whole weights and may average them."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from training.common import make_weight_average
+
+    def accelerator(kind, zero_stage=None):
+        plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+        return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    t = OmegaConf.create({"ema_decay": 0.99})
+    for kind, stage in (("FSDP", None), ("DEEPSPEED", 3)):
+        with pytest.raises(ValueError, match="ema_decay is not supported under FSDP or DeepSpeed ZeRO-3"):
+            make_weight_average(accelerator(kind, stage), torch.nn.Linear(2, 2), t)
+    assert make_weight_average(accelerator("FSDP"), torch.nn.Linear(2, 2), OmegaConf.create({"ema_decay": 0})) is None
 
 
 def test_an_engine_accelerate_cannot_give_is_refused_by_name():

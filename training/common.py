@@ -26,7 +26,7 @@ from seedstory.atomic import write_dir, write_json
 from seedstory.config import DTYPES, resolve_path
 from seedstory.pipeline import SeedStoryPipeline
 
-if not torch.cuda.is_available():
+if not torch.accelerator.is_available():
     # DeepSpeed, which accelerate imports once it is installed, otherwise warns on every run that it found no GPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -55,7 +55,8 @@ def start_stage(doc: str, argv=None):
 def loading_whole(accelerator):
     """Under DeepSpeed ZeRO-3, transformers loads every LLM already partitioned (empty tensors, which the
     pipeline's checks and its other components cannot use), whatever ``zero3_init_flag`` says: the model loads
-    whole here, in model.dtype, and accelerate.prepare partitions it."""
+    whole here, in model.dtype, and accelerate.prepare partitions it. So every process holds the whole model in
+    host memory while it loads (a release-size pipeline in bf16: about 25 GB per process)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         yield
@@ -462,6 +463,12 @@ class WeightAverage:
 def make_weight_average(accelerator, model: torch.nn.Module, t: DictConfig) -> Optional[WeightAverage]:
     """``WeightAverage`` when ``train.ema_decay`` > 0 (call after ``accelerator.prepare``, before resume)."""
     decay = float(t.get("ema_decay") or 0.0)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    sharded = accelerator.distributed_type.value == "FSDP" or (plugin is not None and plugin.zero_stage == 3)
+    if decay > 0 and sharded:
+        # each process holds a shard of every weight: the average would be kept and checkpointed per shard
+        raise ValueError("train.ema_decay is not supported under FSDP or DeepSpeed ZeRO-3 (the weights are sharded): "
+                         "set train.ema_decay=0, or train with DDP or ZeRO-2")
     return WeightAverage(accelerator, model, decay) if decay > 0 else None
 
 

@@ -48,7 +48,9 @@ class DenoisingObjective(nn.Module):
         """The loss of one batch: its pictures VAE-encoded and noised (``noisy_latents``: ``draws`` noisings each)
         inside the forward, where FSDP gathers the VAE's weights like the rest, then denoised. ``time_ids`` and
         ``features`` / ``pixel_values`` come already repeated for the draws."""
-        # the VAE stays fp32 under mixed precision (in half precision the SDXL VAE's activations overflow)
+        # The VAE stays fp32 under autocast (accelerate's mixed precision with DDP or one process; in fp16 the SDXL
+        # VAE's activations overflow). FSDP 2's and DeepSpeed's mixed precision cast the module itself: there it
+        # runs in their dtype (bf16 keeps fp32's range).
         with torch.autocast(sd_pixel_values.device.type, enabled=False):
             latents, timesteps, noise = noisy_latents(self.detokenizer.vae, self.noise_scheduler, sd_pixel_values,
                                                       generators, draws=draws)

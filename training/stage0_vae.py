@@ -102,7 +102,8 @@ def main(argv=None) -> str:
     vae = unwrap_trained(acc, model, shell).vae.eval()
     if t.get("set_scaling_factor", True) and acc.is_main_process:  # (what the main process exports)
         # As Stable Diffusion did: scale latents to unit variance, so the noise schedule means what it says.
-        std = latent_std(vae, loader, int(t.get("scaling_batches", 8)), acc.device)
+        # (under FSDP and ZeRO-3 the gathered weights come back on the CPU, in the engine's dtype)
+        std = latent_std(vae.to(acc.device, torch.float32), loader, int(t.get("scaling_batches", 8)), acc.device)
         vae.register_to_config(scaling_factor=1.0 / std)
         acc.print(f"latent std {std:.4f}: scaling_factor = {1.0 / std:.4f}")
     pipe.detokenizer.vae = vae
