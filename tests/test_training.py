@@ -672,7 +672,8 @@ def test_a_weight_average_is_refused_where_the_weights_are_sharded():
 
     def accelerator(kind, zero_stage=None):
         plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
-        return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), state=SimpleNamespace(deepspeed_plugin=plugin))
+        return SimpleNamespace(distributed_type=SimpleNamespace(value=kind),
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
 
     t = OmegaConf.create({"ema_decay": 0.99})
     for kind, stage in (("FSDP", None), ("DEEPSPEED", 3)):
