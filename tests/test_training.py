@@ -519,8 +519,9 @@ STAGE_RUNS = [
 
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
-    """Each stage's one-process run with the global batch (4), made once and shared by the engines' tests."""
-    return {"dir": tmp_path_factory.mktemp("one_process"), "done": set()}
+    """The folder of each stage's one-process run with the global batch (4), made once and shared by the engines'
+    tests."""
+    return tmp_path_factory.mktemp("one_process")
 
 
 # (stage 2 under DDP: test_two_cpu_processes_train_one_model_together, with resume and two "nodes")
@@ -553,10 +554,9 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_proces
     # (the two processes' lines may reach the shared output interleaved)
     kind = ENGINE_NAMES[engine]
     assert sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two)) == [(kind, "0", "2"), (kind, "1", "2")]
-    one = one_process_runs["dir"] / module
-    if module not in one_process_runs["done"]:
+    one = one_process_runs / module
+    if not (one / "final").is_dir():
         launch(one, [sys.executable], "train.batch_size=4")
-        one_process_runs["done"].add(module)
     column = "total_loss" if module == "stage2_agent" else "loss"
     steps, curve_two = losses(tmp_path / "two", column)
     assert steps == [1, 2, 3]

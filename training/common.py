@@ -92,8 +92,8 @@ def engine_mismatch(env, distributed_type: str) -> Optional[str]:
     return None
 
 
-def fsdp_on_cpus(accelerator) -> bool:
-    """Switch CPU processes whose launch config asks for FSDP 2 to it; True when switched. accelerate sets FSDP
+def fsdp_on_cpus(accelerator) -> None:
+    """Switch CPU processes whose launch config asks for FSDP 2 to it. accelerate sets FSDP
     up for GPU-type processes only, while torch's FSDP 2 (``fully_shard``) also shards across CPU processes
     (gloo): with the switch, CI and CPU clusters run the FSDP path of a GPU launch (sharding, sharded
     checkpoints, the gathered export). The plugin is read from the launch config's environment, as accelerate
@@ -103,17 +103,16 @@ def fsdp_on_cpus(accelerator) -> bool:
 
     if (accelerator.distributed_type != DistributedType.MULTI_CPU
             or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
-        return False
+        return
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        return False
+        return  # engine_mismatch says what to set
     if accelerator.state.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.state.mixed_precision)
     # AcceleratorState re-reads the process's shared state whenever it is made again (e.g. by save_state)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
-    return True
 
 
 def deepspeed_from_config(accelerator, t: DictConfig) -> None:
