@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 from dataclasses import asdict
-from typing import Optional, Sequence, Union
+from typing import Collection, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -36,6 +36,7 @@ from .prompt import PromptFormat
 FORMAT_NAME = "seedstory"
 FORMAT_VERSION = 1
 CONFIG_FILE = "seedstory.json"
+COMPONENTS = ("visual_tokenizer", "agent", "detokenizer")
 
 
 class SeedStoryPipeline:
@@ -224,10 +225,17 @@ class SeedStoryPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, device: Union[str, torch.device, None] = None, torch_dtype: Optional[torch.dtype] = None
+        cls, path: str, device: Union[str, torch.device, None] = None, torch_dtype: Optional[torch.dtype] = None,
+        weightless: Collection[str] = (),
     ) -> "SeedStoryPipeline":
-        """Load a directory written by ``save_pretrained`` (or ``python -m seedstory convert``)."""
+        """Load a directory written by ``save_pretrained`` (or ``python -m seedstory convert``). ``weightless``:
+        components (``visual_tokenizer``, ``agent``, ``detokenizer``) built without reading their weights, their
+        parameters on the meta device, on the CPU: a training process's copy that FSDP fills from the main
+        process's (training/common.py)."""
+        from .checkpoints.validation import weightless as structure
         from .tokens import load_tokenizer
+
+        check_components(weightless)
 
         meta_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(meta_path):
@@ -237,26 +245,43 @@ class SeedStoryPipeline:
         if meta.get("format") != FORMAT_NAME:
             raise PresetError(f"{meta_path} is not a seedstory model config")
         device = resolve_device(device) if not isinstance(device, torch.device) else device
+        if weightless and device.type != "cpu":
+            raise ValueError("weightless components load on the CPU only")
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), meta.get("num_img_tokens"))
-        vit = QwenVisionTransformer.from_pretrained(os.path.join(path, "visual_tokenizer"), **kw)
-        agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype)
-        detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype)
+        vit_dir = os.path.join(path, "visual_tokenizer")
+        if "visual_tokenizer" in weightless:
+            vit = structure(lambda: QwenVisionTransformer.from_config(QwenVisionTransformer.load_config(vit_dir)),
+                            torch_dtype)
+        else:
+            vit = QwenVisionTransformer.from_pretrained(vit_dir, **kw)
+        agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype,
+                                               weightless="agent" in weightless)
+        detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype,
+                                            weightless="detokenizer" in weightless)
         settings = GenerationSettings.from_config(meta.get("generation", {}))
-        pipe = cls(tokenizer, vit, agent, detok, settings, name=meta.get("name", os.path.basename(path))).to(device)
+        pipe = cls(tokenizer, vit, agent, detok, settings, name=meta.get("name", os.path.basename(path)))
+        if not weightless:  # (built on the CPU; meta parameters cannot be moved)
+            pipe.to(device)
         pipe.familiarity = Familiarity.load(path)
         if pipe.familiarity is not None and pipe.familiarity.mean.numel() != vit.config.n_queries * vit.config.output_dim:
             raise PresetError(f"{path}: {FAMILIARITY_FILE} was fitted to another visual tokenizer")
         return pipe
 
     @classmethod
-    def from_preset(cls, preset, overrides=None) -> "SeedStoryPipeline":
-        """Build from a preset name/path or an already-loaded preset config."""
+    def from_preset(cls, preset, overrides=None, weightless: Collection[str] = ()) -> "SeedStoryPipeline":
+        """Build from a preset name/path or an already-loaded preset config. ``weightless``: as
+        ``from_pretrained``'s, for presets that load files (a random preset is built whole: its weights are drawn
+        in turn, so skipping one part would change the next)."""
+        check_components(weightless)
         cfg = load_preset(preset, overrides) if isinstance(preset, str) else preset
         # runtime: device, dtype, cpu_offload, llm_quantization; checked before anything loads.
         rt = runtime_options(cfg.get("runtime", {}) or {})
         device, dtype = rt.device, rt.dtype
         low_vram = rt.cpu_offload or rt.llm_quantization is not None
+        if weightless and (low_vram or rt.detokenizer_device is not None or device.type != "cpu"):
+            raise ValueError("weightless components load on the CPU only, without offload, quantization or a "
+                             "de-tokenizer device")
         settings = GenerationSettings.from_config(cfg.get("generation", {}))
         source = cfg.get("source", "random")
         if source == "random":
@@ -267,7 +292,7 @@ class SeedStoryPipeline:
             pipe = pipe.to(home, dtype)
         elif source == "pretrained":
             pipe = cls.from_pretrained(resolve_path(cfg.path), device="cpu" if low_vram else device,
-                                       torch_dtype=dtype)
+                                       torch_dtype=dtype, weightless=weightless)
             if cfg.get("generation"):  # the preset's (or --set's) values over the folder's own, key by key
                 from omegaconf import OmegaConf
 
@@ -275,7 +300,7 @@ class SeedStoryPipeline:
         elif source == "release":
             from .checkpoints.release import load_release_pipeline
 
-            pipe = load_release_pipeline(cfg, device=device, dtype=dtype)  # places it per cfg.runtime
+            pipe = load_release_pipeline(cfg, device=device, dtype=dtype, weightless=weightless)  # placed per cfg.runtime
             pipe.settings = settings
         else:
             raise PresetError(f"unknown preset source {source!r} (random, pretrained or release)")
@@ -284,6 +309,12 @@ class SeedStoryPipeline:
                        detokenizer_device=rt.detokenizer_device)
         pipe.name = cfg.get("name", pipe.name)
         return pipe
+
+
+def check_components(names: Collection[str]) -> None:
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"no component {', '.join(unknown)} (there are {', '.join(COMPONENTS)})")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The three training stages on the tiny preset and a few synthetic stories: each loss falls, a run killed
 and resumed continues the same loss curve, and the exported checkpoints load into the story engine."""
 import csv
+import glob
 import math
 import os
 import re
@@ -554,6 +555,9 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_proces
     # (the two processes' lines may reach the shared output interleaved)
     kind = ENGINE_NAMES[engine]
     assert sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two)) == [(kind, "0", "2"), (kind, "1", "2")]
+    if module == "stage3_adapt":  # (the other stages start from a random preset, which every process draws whole)
+        filled = engine == "fsdp"  # (fsdp.yaml: fsdp_cpu_ram_efficient_loading)
+        assert ("process 1 loads without weights: detokenizer (FSDP fills it in from process 0)" in two) == filled
     one = one_process_runs / module
     if not (one / "final").is_dir():
         launch(one, [sys.executable], "train.batch_size=4")
@@ -574,6 +578,38 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_proces
     engine = StoryEngine(exported[0], mode="window", window=4)
     frame = engine.step(engine.start(opening_image, "Pim is on the left."))
     assert frame.image is not None and isinstance(frame.text, str)
+
+
+def test_under_fsdp_only_process_0_reads_the_weights_it_shards(world, stage2_run, tmp_path):
+    """Stage 2 as the release trains it (LoRA on an LLM loaded in bf16, bf16 mixed precision), from a saved model,
+    under 2-process FSDP 2: with ``fsdp_cpu_ram_efficient_loading`` (fsdp.yaml) process 1 loads the agent without
+    weights and receives its shards from process 0, and trains exactly what it trains when it loads the weights
+    itself. Either way it does not load the de-tokenizer's weights, which stage 2 does not use.
+    (bench/bench_loading.py measures the memory this saves.)"""
+    from safetensors.torch import load_file
+
+    def launch(run, efficient, port):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "configs", "accelerate", "fsdp.yaml"), "--num_processes", "2", "--mixed_precision",
+               "bf16", "--main_process_port", port, "--fsdp_cpu_ram_efficient_loading", efficient,
+               "-m", "training.stage2_agent",
+               "--config", os.path.join(CONFIGS, "tiny-stage2.yaml"), f"output_dir={run}", "log_with=[]",
+               "train.max_steps=3", "train.checkpoint_every=3", f"model.pretrained={stage2_run[1]}", "model.dtype=bf16",
+               "train.mixed_precision=bf16", "train.lora={r: 4, alpha: 8}", *data_overrides(world)]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    filled = launch(tmp_path / "filled", "true", "29641")
+    assert ("process 1 loads without weights: agent (FSDP fills it in from process 0), detokenizer (not used here)"
+            in filled)
+    whole = launch(tmp_path / "whole", "false", "29642")
+    assert "process 1 loads without weights: detokenizer (not used here)" in whole
+    assert losses(tmp_path / "filled", "total_loss") == losses(tmp_path / "whole", "total_loss")
+    for f in glob.glob(str(tmp_path / "filled" / "final" / "agent" / "**" / "*.safetensors"), recursive=True):
+        ours, theirs = load_file(f), load_file(f.replace(os.sep + "filled" + os.sep, os.sep + "whole" + os.sep))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f
 
 
 def test_two_cpu_processes_train_one_model_together(world, tmp_path):

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from seedstory.atomic import write_dir, write_json
 from seedstory.config import DTYPES, resolve_path
-from seedstory.pipeline import SeedStoryPipeline
+from seedstory.pipeline import COMPONENTS, SeedStoryPipeline
 
 if not torch.accelerator.is_available():
     # DeepSpeed, which accelerate imports once it is installed, otherwise warns on every run that it found no GPU
@@ -39,35 +39,64 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def start_stage(doc: str, argv=None):
+Parts = Union[Sequence[str], Callable[[DictConfig], Sequence[str]]]
+
+
+def start_stage(doc: str, argv=None, trains: Parts = (), unused: Parts = ()):
     """What every stage does first: its command line (the docstring's second line describes it), the config with
-    its overrides, the accelerator (and the run folder), then the model to start from.
+    its overrides, the accelerator (and the run folder), then the model to start from. ``trains``: the pipeline's
+    components the stage prepares; ``unused``: those it neither runs nor trains, which only the main process
+    exports (each a list, or a function of the config giving one). The other processes load without weights
+    what they do not use and, where the main process's copy fills it in (``loads_from_main``), what they train.
     Returns (args, cfg, accelerator, out_dir, pipe)."""
     args = parse_args(doc.splitlines()[1], argv)
     cfg = load_config(args.config, args.overrides)
     acc, out = make_accelerator(cfg)
+    trained, idle = (tuple(p(cfg) if callable(p) else p) for p in (trains, unused))
+    weightless = () if acc.is_main_process else idle + (trained if loads_from_main(acc) else ())
     with loading_whole(acc):
-        pipe = load_pipeline(cfg)
+        pipe = load_pipeline(cfg, weightless)
+    empty = [p for p in COMPONENTS  # (random presets are drawn whole)
+             if p in weightless and any(w.is_meta for w in getattr(pipe, p).parameters())]
+    if empty:
+        why = {p: "FSDP fills it in from process 0" if p in trained else "not used here" for p in empty}
+        print(f"process {acc.process_index} loads without weights: "
+              + ", ".join(f"{p} ({why[p]})" for p in empty), flush=True)
     return args, cfg, acc, out, pipe
+
+
+def loads_from_main(accelerator) -> bool:
+    """Whether the processes other than the main one may load what the stage trains without weights: under FSDP 2
+    with ``fsdp_cpu_ram_efficient_loading``, preparing the model shards it from its shapes and sends each process
+    its share of the main process's weights. Then only the main process holds the whole model in host memory
+    while it loads (a release-size pipeline in bf16: about 25 GB)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and plugin.fsdp_version == 2 and bool(plugin.cpu_ram_efficient_loading)
 
 
 @contextlib.contextmanager
 def loading_whole(accelerator):
-    """Under DeepSpeed ZeRO-3, transformers loads every LLM already partitioned (empty tensors, which the
-    pipeline's checks and its other components cannot use), whatever ``zero3_init_flag`` says: the model loads
-    whole here, in model.dtype, and accelerate.prepare partitions it. So every process holds the whole model in
-    host memory while it loads (a release-size pipeline in bf16: about 25 GB per process)."""
+    """The pipeline loads as seedstory asks (whole, or the parts ``start_stage`` names without weights), not as
+    transformers' engine integrations would: under DeepSpeed ZeRO-3 it loads every LLM already partitioned, and
+    under FSDP with ``fsdp_cpu_ram_efficient_loading`` on the meta device on every process but each node's first,
+    frozen parts (which each process runs whole) included: empty tensors, which the pipeline's checks and other
+    components cannot use. Under ZeRO-3 every process therefore holds the whole model (in model.dtype) while it
+    loads, and accelerate.prepare partitions it."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
+    efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if efficient is not None:
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    if plugin is not None:
+        from transformers.integrations import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
+        unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        if plugin is not None:
+            plugin.set_deepspeed_weakref()
+        if efficient is not None:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> DictConfig:
@@ -385,24 +414,29 @@ def frozen_features(vit: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return vit(pixels.to(vit.device, vit.dtype)).float()
 
 
-def load_pipeline(cfg: DictConfig) -> SeedStoryPipeline:
+def load_pipeline(cfg: DictConfig, weightless: Sequence[str] = ()) -> SeedStoryPipeline:
     """The starting point of a stage: ``model.pretrained`` (a folder in our format, e.g. the previous
     stage's ``final/``) or ``model.preset`` (random init or the release), on the CPU in ``model.dtype`` (fp32
     unless set) — accelerate moves what it trains. ``model.agent_from`` / ``model.detokenizer_from`` (other saved
     folders) take that component from there: the demo build's stage 2 joins stage 0b's visual tokenizer with
-    stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent."""
+    stage 2t's agent, and stage 3 stage 1's de-tokenizer with stage 2's agent. ``weightless``: components loaded
+    without their weights (``SeedStoryPipeline.from_pretrained``)."""
     m = cfg.model
     name = load_dtype(cfg)
     dtype = DTYPES[name]
     if m.get("pretrained"):
-        pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=dtype)
+        pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=dtype,
+                                                 weightless=weightless)
     else:
         overrides = ["runtime.device=cpu", f"runtime.dtype={name}", *list(m.get("overrides", []) or [])]
-        pipe = SeedStoryPipeline.from_preset(m.preset, overrides)
+        pipe = SeedStoryPipeline.from_preset(m.preset, overrides, weightless=weightless)
     for part in ("agent", "detokenizer"):
         if m.get(f"{part}_from"):
             source = resolve_path(m.get(f"{part}_from"))
-            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=dtype)
+            # (only ``part`` is taken from there: the rest is not read)
+            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=dtype,
+                                                      weightless=[p for p in COMPONENTS
+                                                                  if p != part or p in weightless])
             if part == "agent" and other.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
                 raise ValueError(f"model.agent_from: {source} was trained with another text tokenizer")
             setattr(pipe, part, getattr(other, part))
@@ -527,3 +561,18 @@ def train_loop(accelerator, model, optimizer, scheduler, loader, cfg: DictConfig
     bar.close()
     if average is not None:
         average.copy_to_model()
+    peak = peak_host_memory()
+    if peak is not None:
+        print(f"process {accelerator.process_index}: peak host memory {peak / 2**30:.2f} GiB", flush=True)
+
+
+def peak_host_memory() -> Optional[int]:
+    """This process's peak resident memory in bytes (Linux's VmHWM), or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -81,7 +81,7 @@ def latent_std(vae, loader, batches: int, device) -> float:
 
 
 def main(argv=None) -> str:
-    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv, trains=["detokenizer"], unused=["visual_tokenizer", "agent"])
     t, d = cfg.train, cfg.data
     vae = pipe.detokenizer.vae
     vae.requires_grad_(True)

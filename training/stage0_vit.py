@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 
@@ -40,13 +39,11 @@ class ReadoutObjective(nn.Module):
 
 
 def main(argv=None) -> str:
-    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv, trains=["visual_tokenizer"], unused=["agent", "detokenizer"])
     t, d = cfg.train, cfg.data
     vit = pipe.visual_tokenizer.train()
     vit.requires_grad_(True)
-    with torch.no_grad():
-        probe = vit(pipe.image_processor(Image.new("RGB", (8, 8))).to(vit.dtype))  # [1, n_queries, dim]
-    model = ReadoutObjective(vit, probe.shape[1], probe.shape[2], int(t.get("target_size", 32)))
+    model = ReadoutObjective(vit, vit.config.n_queries, vit.config.output_dim, int(t.get("target_size", 32)))
     acc.print(f"visual tokenizer + read-out: {count_parameters(model)}")
     resolution = int(d.get("resolution") or pipe.detokenizer.default_size[0])
     loader = image_loader(cfg, pipe, acc, resolution)

@@ -28,12 +28,16 @@ from .detok_training import (
 )
 
 
+def trained_parts(cfg) -> list[str]:
+    return ["detokenizer", "visual_tokenizer"] if cfg.train.get("train_visual_tokenizer", False) else ["detokenizer"]
+
+
 def main(argv=None) -> str:
-    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv, trains=trained_parts, unused=["agent"])
     t, d = cfg.train, cfg.data
     vit, detok = pipe.visual_tokenizer, pipe.detokenizer
     set_detokenizer_trainable(detok, t.get("unet_params", "attn_kv"))
-    joint = bool(t.get("train_visual_tokenizer", False))
+    joint = "visual_tokenizer" in trained_parts(cfg)
     vit.requires_grad_(joint)
     noise_scheduler = DDPMScheduler.from_config(detok.scheduler.config)
     model = DenoisingObjective(detok, vit if joint else None, noise_scheduler, float(t.get("snr_gamma", 0.0)))

@@ -81,7 +81,7 @@ def possible_loss(logits: torch.Tensor, possible_ids: torch.Tensor) -> tuple[tor
 
 
 def main(argv=None) -> str:
-    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv, trains=["agent"], unused=["detokenizer"])
     t = cfg.train
     agent, vit = pipe.agent, pipe.visual_tokenizer
     vit.requires_grad_(False).eval().to(acc.device)

@@ -23,7 +23,7 @@ from .stage2_agent import BATCH_KEYS, build_data
 
 
 def main(argv=None) -> str:
-    args, cfg, acc, out, pipe = start_stage(__doc__, argv)
+    args, cfg, acc, out, pipe = start_stage(__doc__, argv, trains=["detokenizer"])
     t, d = cfg.train, cfg.data
     vit, agent, detok = pipe.visual_tokenizer, pipe.agent, pipe.detokenizer
     for frozen in (vit, agent):

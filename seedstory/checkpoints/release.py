@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -195,7 +195,7 @@ def release_agent_config(cfg) -> dict:
     return out
 
 
-def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None):
+def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None, weightless: Collection[str] = ()):
     """A preset with ``source: release`` -> ``SeedStoryPipeline``.
 
     Paths come from ``cfg.release`` (``release_paths``); every needed file is checked first and all missing
@@ -203,13 +203,16 @@ def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None)
     tokenizer (``cfg.visual_tokenizer``), agent (``cfg.agent``; vocabulary = the tokenizer's length),
     de-tokenizer (``cfg.detokenizer.resampler`` on the SDXL base; VAE kept in fp32), generation settings from
     ``cfg.generation``. ``device``/``dtype`` default to ``cfg.runtime``; ``cpu_offload`` and
-    ``llm_quantization`` from ``cfg.runtime`` are applied by ``SeedStoryPipeline.place``."""
+    ``llm_quantization`` from ``cfg.runtime`` are applied by ``SeedStoryPipeline.place``. ``weightless``: as
+    ``SeedStoryPipeline.from_pretrained``'s (on the CPU, not placed)."""
     from ..config import GenerationSettings, runtime_options
     from ..models.detokenizer import Detokenizer
     from ..pipeline import SeedStoryPipeline
 
     c = plain_config(cfg)
     rt = runtime_options(c.get("runtime") or {}, device=device, dtype=dtype)
+    if weightless and (rt.device.type != "cpu" or rt.cpu_offload or rt.llm_quantization is not None):
+        raise ValueError("weightless components load on the CPU only, without offload or quantization")
     settings = GenerationSettings.from_config(c.get("generation") or {})
     agent_cfg = release_agent_config(c)
     check_release_files(c)
@@ -217,13 +220,17 @@ def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None)
     n_img = int(c.get("num_img_tokens", 64))
 
     tokenizer = load_release_tokenizer(paths["tokenizer"], n_img)
-    vit = load_release_visual_tokenizer(paths["visual_tokenizer"], c.get("visual_tokenizer") or {}, rt.dtype)
-    agent = load_release_agent(paths["agent"], paths["llm_base"], agent_cfg, rt.dtype, vocab_size=len(tokenizer))
+    vit = load_release_visual_tokenizer(paths["visual_tokenizer"], c.get("visual_tokenizer") or {}, rt.dtype,
+                                        weightless="visual_tokenizer" in weightless)
+    agent = load_release_agent(paths["agent"], paths["llm_base"], agent_cfg, rt.dtype, vocab_size=len(tokenizer),
+                               weightless="agent" in weightless)
     res_cfg = (c.get("detokenizer") or {}).get("resampler") or {}
     resampler, unet, vae, scheduler = load_release_detokenizer(paths["detokenizer"], paths["sdxl_base"], res_cfg,
-                                                               rt.dtype)
+                                                               rt.dtype, weightless="detokenizer" in weightless)
     detok = Detokenizer(resampler, unet, vae, scheduler)
     pipe = SeedStoryPipeline(tokenizer, vit, agent, detok, settings, name=c.get("name", "seed-story-george"))
+    if weightless:
+        return pipe
     return pipe.place(rt.device, cpu_offload=rt.cpu_offload, llm_quantization=rt.llm_quantization,
                       detokenizer_device=rt.detokenizer_device)
 

@@ -338,6 +338,7 @@ def load_release_agent(
     config: dict,
     dtype: Optional[torch.dtype] = None,
     vocab_size: Optional[int] = None,
+    weightless: bool = False,
 ):
     """Load a released agent (``seed_story/george_sft`` or ``seedx/checkpoint-30000``) into a
     ``SeedStoryAgent`` whose ``llm`` is a plain ``LlamaForCausalLM`` with the LoRA merged.
@@ -352,13 +353,16 @@ def load_release_agent(
     norms use ``modules_to_save.default``; ``original_module`` and ``rotary_emb.inv_freq`` are ignored; base
     weights found in the file override the base folder. A missing ``*_resampler.pos_embed`` (frozen, so
     absent from trainable-only files) is the deterministic 2D sin-cos table. All checks
-    (``check_release_agent``) pass before anything is merged."""
+    (``check_release_agent``) pass before anything is merged. ``weightless``: the checks from the file's header
+    (``inspect_checkpoint``) and the structure alone, its parameters on the meta device in ``dtype``."""
     from transformers import LlamaForCausalLM
 
     from ..models.agent import SeedStoryAgent
     from ..models.qwen_resampler import QwenResampler, sincos_2d
 
-    plan = check_release_agent(agent_path, llm_base_dir, config, vocab_size)
+    info = inspect_checkpoint(agent_path) if weightless else None  # None for a legacy pickle: then it is read
+    plan = check_release_agent(agent_path, llm_base_dir, config, vocab_size,
+                               state=None if info is None else meta_state(info))
     dtype = dtype or torch.float32
     cfg = _agent_config(config)
     parts, base = plan.parts, plan.base
@@ -366,6 +370,11 @@ def load_release_agent(
         llm = LlamaForCausalLM(plan.llm_config)
         inp = QwenResampler(**cfg["input_resampler"])
         out = QwenResampler(**cfg["output_resampler"])
+    if weightless:  # the parameters in the dtype the merge below gives them; the buffers as built
+        for module in (llm, inp, out):
+            module.load_state_dict({k: torch.empty_like(p, dtype=dtype) for k, p in module.named_parameters()},
+                                   strict=False, assign=True)
+        return SeedStoryAgent(llm, inp, out, **plan.scales).eval()
 
     merged = {}
     for k in plan.expected:

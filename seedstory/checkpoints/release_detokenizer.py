@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .files import CheckpointError, inspect_checkpoint, read_json, read_state_dict
+from .files import CheckpointError, inspect_checkpoint, meta_state, read_json, read_state_dict
 from .layout import DETOKENIZER_FILES, RELEASE_FILES, require_file
 from .validation import (
     assign_state,
@@ -24,6 +24,7 @@ from .validation import (
     shape_mismatch_error,
     shape_of,
     unknown_keys_error,
+    weightless as structure,
 )
 
 
@@ -72,10 +73,12 @@ def _diffusers_local(cls, root: str, subfolder: str, dtype: Optional[torch.dtype
             raise CheckpointError(f"{os.path.join(root, subfolder)}: cannot load {cls.__name__} ({first})") from first
 
 
-def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, dtype: Optional[torch.dtype] = None):
+def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, dtype: Optional[torch.dtype] = None,
+                             weightless: bool = False):
     """A released de-tokenizer file on top of the SDXL base folder (diffusers layout). Returns
     ``(resampler, unet, vae, scheduler)``: ``ResamplerXL(**resampler_config)`` and the UNet in ``dtype``
-    (default fp32), the SDXL VAE in fp32 (the release decodes in fp32), ``EulerDiscreteScheduler``."""
+    (default fp32), the SDXL VAE in fp32 (the release decodes in fp32), ``EulerDiscreteScheduler``.
+    ``weightless``: the checks from the files' headers and the structure alone (no weights read)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
     from ..models.resampler_xl import ResamplerXL
@@ -83,8 +86,18 @@ def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, d
     require_file(path, DETOKENIZER_FILES)
     for sub, cfg_name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         require_file(os.path.join(sdxl_dir, sub, cfg_name), ("sdxl_base",))
-    check_release_detokenizer(path, sdxl_dir, resampler_config)  # before the 2.6 B-parameter UNet is read
+    info = inspect_checkpoint(path) if weightless else None  # None for a legacy pickle: then it is read
+    # before the 2.6 B-parameter UNet is read
+    check_release_detokenizer(path, sdxl_dir, resampler_config, state=None if info is None else meta_state(info))
     dtype = dtype or torch.float32
+    if weightless:
+        def config(cls, sub):
+            return lambda: cls.from_config(cls.load_config(sdxl_dir, subfolder=sub))
+
+        return (structure(lambda: ResamplerXL(**resampler_config), dtype).eval(),
+                structure(config(UNet2DConditionModel, "unet"), dtype).eval(),
+                structure(config(AutoencoderKL, "vae"), torch.float32).eval(),
+                EulerDiscreteScheduler.from_pretrained(sdxl_dir, subfolder="scheduler"))
     unet = _diffusers_local(UNet2DConditionModel, sdxl_dir, "unet", dtype)
     with empty_init():
         resampler = ResamplerXL(**resampler_config)

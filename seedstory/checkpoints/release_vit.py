@@ -14,7 +14,7 @@ import torch
 
 from .files import read_state_dict
 from .layout import require_file
-from .validation import assign_state, check_state_dict, empty_init, module_shapes
+from .validation import assign_state, check_state_dict, empty_init, module_shapes, weightless as structure
 
 VISUAL_TOKENIZER_NAMES = ("qwen_vit_G.pt", "qwen_vit_G.safetensors")
 
@@ -63,14 +63,17 @@ def check_release_visual_tokenizer(path: str, config: Optional[Mapping] = None,
     return expected
 
 
-def load_release_visual_tokenizer(path: str, config: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
+def load_release_visual_tokenizer(path: str, config: Optional[dict] = None, dtype: Optional[torch.dtype] = None,
+                                  weightless: bool = False):
     """``visual_tokenizer/qwen_vit_G.pt`` (or ``qwen_vit_G.safetensors``, see ``resolve_visual_tokenizer_path``)
     -> ``QwenVisionTransformer(**config)`` (release defaults when ``config`` is None). The file is a plain state
-    dict with our names; all 594 keys are required."""
+    dict with our names; all 594 keys are required. ``weightless``: the structure alone, the file not read."""
     from ..models.qwen_vit import QwenVisionTransformer
 
     path = resolve_visual_tokenizer_path(path)
     require_file(path, ("visual_tokenizer",))
+    if weightless:
+        return structure(lambda: QwenVisionTransformer(**(config or {})), dtype or torch.float32).eval()
     state = read_state_dict(path)
     with empty_init():
         vit = QwenVisionTransformer(**(config or {}))

@@ -6,7 +6,7 @@ reported by family (``key_family``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -86,6 +86,16 @@ def empty_init():
     return init_empty_weights(include_buffers=False)
 
 
+def weightless(build: Callable[[], torch.nn.Module], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """``build()``'s module without weights: its parameters on the meta device (no memory), its buffers real (they
+    are computed at construction, e.g. rotary frequencies, and no checkpoint carries the non-persistent ones), cast
+    to ``dtype``. What a training process loads for the part that FSDP fills from the main process's copy."""
+    with empty_init():
+        module = build()
+    # (torch's own ``to``: diffusers' ModelMixin.to warns on every dtype it is given)
+    return torch.nn.Module.to(module, dtype=dtype) if dtype is not None else module
+
+
 def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> None:
     """Load ``state`` into ``module``: complete state into a meta-initialized module (by assignment, cast to
     ``dtype`` or the module's dtypes), otherwise copied into the existing parameters (a subset is fine: the
@@ -100,5 +110,5 @@ def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], dty
 
 __all__ = [
     "assign_state", "check_state_dict", "empty_init", "first_few", "key_family", "module_shapes",
-    "shape_mismatch_error", "shape_of", "unknown_keys_error",
+    "shape_mismatch_error", "shape_of", "unknown_keys_error", "weightless",
 ]

@@ -293,15 +293,26 @@ class SeedStoryAgent(nn.Module):
             json.dump({"lm_loss_scale": self.lm_loss_scale, "rec_loss_scale": self.rec_loss_scale}, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **llm_kwargs) -> "SeedStoryAgent":
-        from transformers import AutoModelForCausalLM
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, weightless: bool = False,
+                        **llm_kwargs) -> "SeedStoryAgent":
+        """Load a folder written by ``save_pretrained``. ``weightless``: the structure alone, no weights read
+        (``checkpoints.validation.weightless``)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..checkpoints.validation import empty_init, weightless as structure
 
         cfg_path = os.path.join(path, cls.config_name)
         extra = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-        llm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "llm"), dtype=torch_dtype, **llm_kwargs)
-        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        inp = QwenResampler.from_pretrained(os.path.join(path, "input_resampler"), **kw)
-        out = QwenResampler.from_pretrained(os.path.join(path, "output_resampler"), **kw)
+        llm_dir, kw = os.path.join(path, "llm"), {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        if weightless:
+            with empty_init():  # from_config in torch_dtype, as from_pretrained builds it (rotary tables stay fp32)
+                llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_dir), dtype=torch_dtype)
+            inp, out = (structure(lambda d=os.path.join(path, name): QwenResampler.from_config(
+                QwenResampler.load_config(d)), torch_dtype) for name in ("input_resampler", "output_resampler"))
+        else:
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch_dtype, **llm_kwargs)
+            inp = QwenResampler.from_pretrained(os.path.join(path, "input_resampler"), **kw)
+            out = QwenResampler.from_pretrained(os.path.join(path, "output_resampler"), **kw)
         return cls(llm, inp, out, **extra).eval()
 
     @classmethod

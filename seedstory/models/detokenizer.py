@@ -313,21 +313,30 @@ class Detokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
+        cls, path: str, torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+        weightless: bool = False,
     ) -> "Detokenizer":
-        """Load a directory written by ``save_pretrained`` (local files only)."""
+        """Load a directory written by ``save_pretrained`` (local files only). ``weightless``: the structure alone,
+        no weights read (``checkpoints.validation.weightless``)."""
+        from ..checkpoints.validation import weightless as structure
+
         missing = [d for d in ("resampler", "unet", "vae", "scheduler") if not os.path.isdir(os.path.join(path, d))]
         if missing:
             raise FileNotFoundError(f"{path} is not a saved Detokenizer (missing {', '.join(missing)}/)")
-        kw = {"local_files_only": True}
-        if torch_dtype is not None:
-            kw["torch_dtype"] = torch_dtype
+
+        def part(model_cls, name: str, dtype: Optional[torch.dtype]):
+            folder = os.path.join(path, name)
+            if weightless:
+                return structure(lambda: model_cls.from_config(model_cls.load_config(folder)), dtype)
+            return model_cls.from_pretrained(folder, local_files_only=True,
+                                             **({"torch_dtype": dtype} if dtype is not None else {}))
+
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             sched_cls = _scheduler_class(json.load(f)["_class_name"])
         model = cls(
-            resampler=ResamplerXL.from_pretrained(os.path.join(path, "resampler"), **kw),
-            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **kw),
-            vae=AutoencoderKL.from_pretrained(os.path.join(path, "vae"), local_files_only=True),  # fp32 in __init__
+            resampler=part(ResamplerXL, "resampler", torch_dtype),
+            unet=part(UNet2DConditionModel, "unet", torch_dtype),
+            vae=part(AutoencoderKL, "vae", None),  # fp32 in __init__
             scheduler=sched_cls.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True),
         )
         return model.to(device) if device is not None else model
