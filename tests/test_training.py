@@ -556,8 +556,8 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_proces
     kind = ENGINE_NAMES[engine]
     assert sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two)) == [(kind, "0", "2"), (kind, "1", "2")]
     if module == "stage3_adapt":  # (the other stages start from a random preset, which every process draws whole)
-        filled = engine == "fsdp"  # (fsdp.yaml: fsdp_cpu_ram_efficient_loading)
-        assert ("process 1 loads without weights: detokenizer (FSDP fills it in from process 0)" in two) == filled
+        filled = engine in ("fsdp", "zero3")  # (fsdp.yaml: fsdp_cpu_ram_efficient_loading)
+        assert ("process 1 loads without weights: detokenizer (its shards come from process 0)" in two) == filled
     one = one_process_runs / module
     if not (one / "final").is_dir():
         launch(one, [sys.executable], "train.batch_size=4")
@@ -602,7 +602,7 @@ def test_under_fsdp_only_process_0_reads_the_weights_it_shards(world, stage2_run
         return done.stdout
 
     filled = launch(tmp_path / "filled", "true", "29641")
-    assert ("process 1 loads without weights: agent (FSDP fills it in from process 0), detokenizer (not used here)"
+    assert ("process 1 loads without weights: agent (its shards come from process 0), detokenizer (not used here)"
             in filled)
     whole = launch(tmp_path / "whole", "false", "29642")
     assert "process 1 loads without weights: detokenizer (not used here)" in whole

@@ -59,7 +59,7 @@ def start_stage(doc: str, argv=None, trains: Parts = (), unused: Parts = ()):
     empty = [p for p in COMPONENTS  # (random presets are drawn whole)
              if p in weightless and any(w.is_meta for w in getattr(pipe, p).parameters())]
     if empty:
-        why = {p: "FSDP fills it in from process 0" if p in trained else "not used here" for p in empty}
+        why = {p: "its shards come from process 0" if p in trained else "not used here" for p in empty}
         print(f"process {acc.process_index} loads without weights: "
               + ", ".join(f"{p} ({why[p]})" for p in empty), flush=True)
     return args, cfg, acc, out, pipe
@@ -68,10 +68,24 @@ def start_stage(doc: str, argv=None, trains: Parts = (), unused: Parts = ()):
 def loads_from_main(accelerator) -> bool:
     """Whether the processes other than the main one may load what the stage trains without weights: under FSDP 2
     with ``fsdp_cpu_ram_efficient_loading``, preparing the model shards it from its shapes and sends each process
-    its share of the main process's weights. Then only the main process holds the whole model in host memory
+    its share of the main process's weights; DeepSpeed ZeRO-3 overwrites every parameter with the main process's
+    (a broadcast) before it keeps its partition. Then only the main process holds the whole model in host memory
     while it loads (a release-size pipeline in bf16: about 25 GB)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return plugin is not None and plugin.fsdp_version == 2 and bool(plugin.cpu_ram_efficient_loading)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:
+        return fsdp.fsdp_version == 2 and bool(fsdp.cpu_ram_efficient_loading)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    return deepspeed is not None and deepspeed.zero_stage == 3
+
+
+def allocate_weightless(model: torch.nn.Module) -> None:
+    """Give ``model``'s meta parameters storage (uninitialised: the pages stay unused until written), for DeepSpeed
+    ZeRO-3, which receives the main process's values into each parameter in turn and keeps only its partition."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                              requires_grad=p.requires_grad)
 
 
 @contextlib.contextmanager
@@ -378,6 +392,8 @@ def prepare_training(accelerator, model: torch.nn.Module, t: DictConfig):
                          "config, use DeepSpeed, or load in fp32")
     if plugin is not None and not plugin.transformer_cls_names_to_wrap:
         plugin.transformer_cls_names_to_wrap = blocks_to_wrap(model)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        allocate_weightless(model)
     shell = weightless_copy(model) if accelerator.distributed_type.value in SHARDING_ENGINES else None
     optimizer, scheduler = make_optimizer(model.parameters(), t)
     return (*accelerator.prepare(model, optimizer, scheduler), shell)
