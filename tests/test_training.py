@@ -470,9 +470,10 @@ def two_processes(engine: str, port: str) -> list[str]:
 
 
 @pytest.mark.parametrize("engine, ports", [("ddp", ("29550", "29551", "29552")), ("fsdp", ("29553", "29554", "29555")),
+                                           ("zero2", ("29546", "29547", "29548")),
                                            ("zero3", ("29556", "29557", "29558"))])
 def test_kill_9_under_two_processes_then_resume_gives_the_same_curve(world, tmp_path, engine, ports):
-    """``kill -9`` of a 2-process DDP, FSDP or DeepSpeed ZeRO-3 run (launcher and both ranks) once a checkpoint
+    """``kill -9`` of a 2-process DDP, FSDP or DeepSpeed ZeRO-2 / ZeRO-3 run (launcher and both ranks) once a checkpoint
     is written, then ``--resume`` (FSDP, ZeRO: from each process's shards): the loss curve of the run that was
     never interrupted."""
     import signal
