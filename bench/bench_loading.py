@@ -1,12 +1,13 @@
-"""Host memory of each training process under FSDP 2, side by side: every process loading the whole pipeline
-(``--fsdp_cpu_ram_efficient_loading false``) against only the first one reading the weights of what the stage
-trains while the others load its structure and receive their shards from it (``configs/accelerate/fsdp.yaml``).
+"""Host memory of each training process under FSDP 2, side by side: every process reading the weights of what
+the stage trains (``--fsdp_cpu_ram_efficient_loading false``) against only the first one reading them while the
+others load its structure and receive their shards from it (``configs/accelerate/fsdp.yaml``). Either way the
+processes other than the first skip the weights of what the stage does not use (stage 2: the de-tokenizer).
 Stage 2 as the release trains it (``configs/train/seed-story-stage2-lora.yaml``: LoRA, model.dtype bf16) under two
 CPU processes, up to its first step (loaded, sharded, exported: a step adds the same activations either way), the modes interleaved, ``--rounds`` rounds; each process's peak resident memory
 (the training log's "peak host memory"), min and median.
 
     python bench/bench_loading.py                  # the release's widths at reduced depth (bf16), ~5 min
-    python bench/bench_loading.py --model DIR      # any saved model folder
+    python bench/bench_loading.py --model DIR      # any saved model folder (--preset tiny: a quick check)
 
 The default model is seed-story-random (the 4096-wide LLM, ViT-bigG's width, the SDXL UNet's channels) with
 ``--layers`` LLM layers, saved once in bf16.
@@ -27,14 +28,15 @@ if ROOT not in sys.path:
 
 PROXY = ["visual_tokenizer.layers=2", "detokenizer.unet.transformer_layers_per_block=[1,1,1]",
          "detokenizer.unet.layers_per_block=1", "runtime.dtype=bf16", "runtime.device=cpu"]
-MODES = {"every process loads it whole": "false", "only process 0 reads it": "true"}
+MODES = {"every process reads the agent": "false", "only process 0 reads it": "true"}
 
 
-def build(out: str, layers: int) -> None:
+def build(out: str, preset: str, layers: int) -> None:
     from seedstory.pipeline import SeedStoryPipeline
 
-    pipe = SeedStoryPipeline.from_preset("seed-story-random", [*PROXY, f"agent.llm.num_hidden_layers={layers}"])
-    pipe.save_pretrained(out)
+    overrides = [*PROXY, f"agent.llm.num_hidden_layers={layers}"] if preset == "seed-story-random" else \
+        ["runtime.dtype=bf16", "runtime.device=cpu"]
+    SeedStoryPipeline.from_preset(preset, overrides).save_pretrained(out)
 
 
 def train_once(model: str, world: str, out: str, efficient: str, port: int) -> dict[int, float]:
@@ -55,13 +57,15 @@ def train_once(model: str, world: str, out: str, efficient: str, port: int) -> d
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a saved model folder (default: seed-story-random at reduced depth, made once)")
-    p.add_argument("--layers", type=int, default=4, help="LLM layers of the default model (the release: 32)")
+    p.add_argument("--model", help="a saved model folder (default: --preset's model, saved once in bf16)")
+    p.add_argument("--preset", default="seed-story-random", help="a random preset (default: the release's sizes, "
+                                                                 "at --layers LLM layers and 2 ViT layers)")
+    p.add_argument("--layers", type=int, default=4, help="LLM layers of seed-story-random (the release: 32)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--build", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.build:  # (a process of its own, so that the launches do not start from a parent holding a model)
-        build(args.build, args.layers)
+        build(args.build, args.preset, args.layers)
         return
     from seedstory.data.synthetic import write_dataset
 
@@ -69,9 +73,11 @@ def main(argv=None) -> None:
         model = args.model
         if model is None:
             model = os.path.join(tmp, "model")
-            print(f"saving seed-story-random with {args.layers} LLM layers (bf16) ...", flush=True)
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--build", model, "--layers", str(args.layers)],
-                           check=True)
+            print(f"saving {args.preset} (bf16) ...", flush=True)
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--build", model, "--preset", args.preset,
+                                   "--layers", str(args.layers)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
         world = os.path.join(tmp, "world")
         write_dataset(world, stories=4, frames=4, size=64, seed=0, workers=1, progress=False)
         seen = {name: {0: [], 1: []} for name in MODES}

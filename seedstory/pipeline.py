@@ -230,8 +230,8 @@ class SeedStoryPipeline:
     ) -> "SeedStoryPipeline":
         """Load a directory written by ``save_pretrained`` (or ``python -m seedstory convert``). ``weightless``:
         components (``visual_tokenizer``, ``agent``, ``detokenizer``) built without reading their weights, their
-        parameters on the meta device, on the CPU: a training process's copy that FSDP fills from the main
-        process's (training/common.py)."""
+        parameters on the meta device, on the CPU: what a training process other than the first loads of the parts
+        FSDP or ZeRO-3 fill in from the first one's copy, or that it does not use (training/common.py)."""
         from .checkpoints.validation import weightless as structure
         from .tokens import load_tokenizer
 

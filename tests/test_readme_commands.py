@@ -61,6 +61,8 @@ INSTEAD = {
         ("python bench/bench_pipeline.py --preset tiny --frames 2 --repeats 1", "minutes: two frames of the tiny preset"),
     "python bench/bench_fullsize.py --proxy": ("python bench/bench_fullsize.py --preset tiny --options bf16 --frames 2 "
                                                "--context-frames 2", "minutes: the same script on the tiny preset"),
+    "python bench/bench_loading.py": ("python bench/bench_loading.py --preset tiny --rounds 1",
+                                      "the release's widths take ~6 GiB a process; the tiny model, the same path"),
     "python bench/bench_demo.py": ("python bench/bench_demo.py --text-only --stories 1 --frames 2",
                                    "half an hour: one opening, text only"),
 }

@@ -520,6 +520,25 @@ STAGE_RUNS = [
 
 
 @pytest.fixture(scope="module")
+def tiny_start(tmp_path_factory):
+    """The tiny preset saved: where the stages start from in the engines' tests, so that the processes other than
+    the first load from files what they leave to process 0 (a random preset is drawn whole by each)."""
+    from seedstory.pipeline import SeedStoryPipeline
+
+    path = tmp_path_factory.mktemp("tiny_start") / "model"
+    SeedStoryPipeline.from_preset("tiny").save_pretrained(str(path))
+    return path
+
+
+# Per stage, what its processes other than the first load without weights: what it trains (under FSDP 2 with
+# fsdp_cpu_ram_efficient_loading, as fsdp.yaml, and under ZeRO-3) and what it does not use (under any engine).
+STAGE_PARTS = {"stage0_vae": (["detokenizer"], ["visual_tokenizer", "agent"]),
+               "stage0_vit": (["visual_tokenizer"], ["agent", "detokenizer"]),
+               "stage1_detokenizer": (["detokenizer"], ["agent"]), "stage2_agent": (["agent"], ["detokenizer"]),
+               "stage3_adapt": (["detokenizer"], [])}
+
+
+@pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
     """The folder of each stage's one-process run with the global batch (4), made once and shared by the engines'
     tests."""
@@ -530,18 +549,19 @@ def one_process_runs(tmp_path_factory):
 @pytest.mark.parametrize("module, config, extra, engine, port", [
     (*run, engine, str(29560 + 10 * e + i)) for e, engine in enumerate(("ddp", "fsdp", "zero2", "zero3"))
     for i, run in enumerate(STAGE_RUNS) if (run[0], engine) != ("stage2_agent", "ddp")])
-def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_process_runs, tmp_path, opening_image, module,
-                                                  config, port, extra, engine):
+def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, tiny_start, one_process_runs, tmp_path,
+                                                  opening_image, module, config, port, extra, engine):
     """Each stage under two CPU processes (gloo), batch 2 each, plain DDP (``torchrun --nproc_per_node 2``), FSDP 2
     or DeepSpeed ZeRO-2 / ZeRO-3 (``accelerate launch --config_file configs/accelerate/<engine>.yaml``), against
     one process with batch 4: the same samples step by step (the datasets shard one stream) with the same random
     draws (each sample's crop, noise, timestep and dropout come from its own place in the stream), so the same loss
     curve; one export (under FSDP and ZeRO-3 gathered from both processes' shards) with the weights one process
-    trains, which loads and generates."""
+    trains, which loads and generates. The processes other than the first load without weights what they leave to
+    the first one or do not use (STAGE_PARTS): were one of them needed, the run would fail or train another model."""
     from seedstory.engine import StoryEngine
-    from seedstory.pipeline import SeedStoryPipeline
+    from seedstory.pipeline import COMPONENTS, SeedStoryPipeline
 
-    base = [f"model.pretrained={stage2_run[1]}"] if module == "stage3_adapt" else []
+    base = [f"model.pretrained={stage2_run[1] if module == 'stage3_adapt' else tiny_start}"]
 
     def launch(run, launcher, *overrides):
         cmd = [*launcher, "-m", f"training.{module}", "--config", os.path.join(CONFIGS, config),
@@ -556,9 +576,11 @@ def test_two_cpu_processes_train_each_stage_as_one(world, stage2_run, one_proces
     # (the two processes' lines may reach the shared output interleaved)
     kind = ENGINE_NAMES[engine]
     assert sorted(re.findall(r"training: (\w+), process (\d+) of (\d+)", two)) == [(kind, "0", "2"), (kind, "1", "2")]
-    if module == "stage3_adapt":  # (the other stages start from a random preset, which every process draws whole)
-        filled = engine in ("fsdp", "zero3")  # (fsdp.yaml: fsdp_cpu_ram_efficient_loading)
-        assert ("process 1 loads without weights: detokenizer (its shards come from process 0)" in two) == filled
+    trained, unused = STAGE_PARTS[module]
+    why = {**({p: "its shards come from process 0" for p in trained} if engine in ("fsdp", "zero3") else {}),
+           **{p: "not used here" for p in unused}}
+    said = re.findall(r"process (\d+) loads without weights: (.*)", two)
+    assert said == [("1", ", ".join(f"{p} ({why[p]})" for p in COMPONENTS if p in why))]
     one = one_process_runs / module
     if not (one / "final").is_dir():
         launch(one, [sys.executable], "train.batch_size=4")

@@ -39,6 +39,15 @@ def test_a_saved_model_loads_each_component_without_weights(saved, dtype):
             assert all(torch.equal(ours[k], theirs[k]) for k in ours), other
 
 
+def test_without_a_dtype_a_weightless_load_keeps_the_saved_one(tmp_path):
+    SeedStoryPipeline.from_preset("tiny", ["runtime.dtype=bf16"]).save_pretrained(str(tmp_path / "bf16"))
+    whole = SeedStoryPipeline.from_pretrained(str(tmp_path / "bf16"), device="cpu")
+    empty = SeedStoryPipeline.from_pretrained(str(tmp_path / "bf16"), device="cpu", weightless=COMPONENTS)
+    assert whole.agent.llm.dtype == torch.bfloat16
+    for part in COMPONENTS:
+        same_structure(getattr(whole, part), getattr(empty, part))
+
+
 def test_weightless_components_read_no_weights_file(saved, tmp_path):
     """With the agent's and de-tokenizer's weight files gone, they still load without weights (and only so)."""
     import shutil

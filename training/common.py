@@ -80,12 +80,15 @@ def loads_from_main(accelerator) -> bool:
 
 def allocate_weightless(model: torch.nn.Module) -> None:
     """Give ``model``'s meta parameters storage (uninitialised: the pages stay unused until written), for DeepSpeed
-    ZeRO-3, which receives the main process's values into each parameter in turn and keeps only its partition."""
+    ZeRO-3, which receives the main process's values into each parameter in turn and keeps only its partition. A
+    parameter registered twice (tied) stays one."""
+    given: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta:
-                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                              requires_grad=p.requires_grad)
+                if id(p) not in given:
+                    given[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = given[id(p)]
 
 
 @contextlib.contextmanager
@@ -94,8 +97,7 @@ def loading_whole(accelerator):
     transformers' engine integrations would: under DeepSpeed ZeRO-3 it loads every LLM already partitioned, and
     under FSDP with ``fsdp_cpu_ram_efficient_loading`` on the meta device on every process but each node's first,
     frozen parts (which each process runs whole) included: empty tensors, which the pipeline's checks and other
-    components cannot use. Under ZeRO-3 every process therefore holds the whole model (in model.dtype) while it
-    loads, and accelerate.prepare partitions it."""
+    components cannot use."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
     if efficient is not None:
@@ -440,23 +442,23 @@ def load_pipeline(cfg: DictConfig, weightless: Sequence[str] = ()) -> SeedStoryP
     m = cfg.model
     name = load_dtype(cfg)
     dtype = DTYPES[name]
+    lent = [part for part in ("agent", "detokenizer") if m.get(f"{part}_from")]
+    first = sorted(set(weightless) | set(lent))  # (what comes from elsewhere is not read here)
     if m.get("pretrained"):
         pipe = SeedStoryPipeline.from_pretrained(resolve_path(m.pretrained), device="cpu", torch_dtype=dtype,
-                                                 weightless=weightless)
+                                                 weightless=first)
     else:
         overrides = ["runtime.device=cpu", f"runtime.dtype={name}", *list(m.get("overrides", []) or [])]
-        pipe = SeedStoryPipeline.from_preset(m.preset, overrides, weightless=weightless)
-    for part in ("agent", "detokenizer"):
-        if m.get(f"{part}_from"):
-            source = resolve_path(m.get(f"{part}_from"))
-            # (only ``part`` is taken from there: the rest is not read)
-            other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=dtype,
-                                                      weightless=[p for p in COMPONENTS
-                                                                  if p != part or p in weightless])
-            if part == "agent" and other.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
-                raise ValueError(f"model.agent_from: {source} was trained with another text tokenizer")
-            setattr(pipe, part, getattr(other, part))
-            pipe.check_sizes()
+        pipe = SeedStoryPipeline.from_preset(m.preset, overrides, weightless=first)
+    for part in lent:
+        source = resolve_path(m.get(f"{part}_from"))
+        # (only ``part`` is taken from there: the rest is not read)
+        other = SeedStoryPipeline.from_pretrained(source, device="cpu", torch_dtype=dtype,
+                                                  weightless=[p for p in COMPONENTS if p != part or p in weightless])
+        if part == "agent" and other.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
+            raise ValueError(f"model.agent_from: {source} was trained with another text tokenizer")
+        setattr(pipe, part, getattr(other, part))
+        pipe.check_sizes()
     return pipe
 
 

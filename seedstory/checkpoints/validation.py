@@ -89,7 +89,8 @@ def empty_init():
 def weightless(build: Callable[[], torch.nn.Module], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """``build()``'s module without weights: its parameters on the meta device (no memory), its buffers real (they
     are computed at construction, e.g. rotary frequencies, and no checkpoint carries the non-persistent ones), cast
-    to ``dtype``. What a training process loads for the part that FSDP fills from the main process's copy."""
+    to ``dtype``: what a training process other than the first loads of what FSDP or ZeRO-3 fill in from the
+    first one's copy, and of what it does not use."""
     with empty_init():
         module = build()
     # (torch's own ``to``: diffusers' ModelMixin.to warns on every dtype it is given)

@@ -305,8 +305,9 @@ class SeedStoryAgent(nn.Module):
         extra = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
         llm_dir, kw = os.path.join(path, "llm"), {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         if weightless:
-            with empty_init():  # from_config in torch_dtype, as from_pretrained builds it (rotary tables stay fp32)
-                llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_dir), dtype=torch_dtype)
+            config = AutoConfig.from_pretrained(llm_dir)
+            with empty_init():  # in the dtype from_pretrained gives (the saved one by default; rotary tables stay fp32)
+                llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype or config.dtype)
             inp, out = (structure(lambda d=os.path.join(path, name): QwenResampler.from_config(
                 QwenResampler.load_config(d)), torch_dtype) for name in ("input_resampler", "output_resampler"))
         else:

@@ -323,6 +323,8 @@ class Detokenizer(nn.Module):
         missing = [d for d in ("resampler", "unet", "vae", "scheduler") if not os.path.isdir(os.path.join(path, d))]
         if missing:
             raise FileNotFoundError(f"{path} is not a saved Detokenizer (missing {', '.join(missing)}/)")
+        if weightless and device is not None:
+            raise ValueError("a weightless de-tokenizer stays where it is built (its parameters cannot be moved)")
 
         def part(model_cls, name: str, dtype: Optional[torch.dtype]):
             folder = os.path.join(path, name)
