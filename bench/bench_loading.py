@@ -3,8 +3,9 @@ the stage trains (``--fsdp_cpu_ram_efficient_loading false``) against only the f
 others load its structure and receive their shards from it (``configs/accelerate/fsdp.yaml``). Either way the
 processes other than the first skip the weights of what the stage does not use (stage 2: the de-tokenizer).
 Stage 2 as the release trains it (``configs/train/seed-story-stage2-lora.yaml``: LoRA, model.dtype bf16) under two
-CPU processes, up to its first step (loaded, sharded, exported: a step adds the same activations either way), the modes interleaved, ``--rounds`` rounds; each process's peak resident memory
-(the training log's "peak host memory"), min and median.
+CPU processes, up to its first step (loaded, sharded, exported: a step adds the same activations either way), the
+modes interleaved, ``--rounds`` rounds; each process's peak resident memory (the training log's "peak host
+memory"), min and median.
 
     python bench/bench_loading.py                  # the release's widths at reduced depth (bf16), ~5 min
     python bench/bench_loading.py --model DIR      # any saved model folder (--preset tiny: a quick check)
@@ -44,7 +45,8 @@ def train_once(model: str, world: str, out: str, efficient: str, port: int) -> d
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "configs", "accelerate", "fsdp.yaml"), "--num_processes", "2",
            "--mixed_precision", "bf16", "--fsdp_cpu_ram_efficient_loading", efficient, "--main_process_port", str(port),
-           "-m", "training.stage2_agent", "--config", os.path.join(ROOT, "configs", "train", "seed-story-stage2-lora.yaml"),
+           "-m", "training.stage2_agent",
+           "--config", os.path.join(ROOT, "configs", "train", "seed-story-stage2-lora.yaml"),
            f"output_dir={out}", "log_with=[]", f"model.pretrained={model}", f"data.train_jsonl={world}/train.jsonl",
            f"data.image_root={world}/images", "data.num_workers=0", "data.shuffle_buffer=0", "train.max_steps=0",
            "train.batch_size=1", "train.warmup_steps=0", "train.checkpoint_every=100"]

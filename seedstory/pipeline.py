@@ -232,10 +232,9 @@ class SeedStoryPipeline:
         components (``visual_tokenizer``, ``agent``, ``detokenizer``) built without reading their weights, their
         parameters on the meta device, on the CPU: what a training process other than the first loads of the parts
         FSDP or ZeRO-3 fill in from the first one's copy, or that it does not use (training/common.py)."""
-        from .checkpoints.validation import weightless as structure
+        from .checkpoints.validation import from_folder
         from .tokens import load_tokenizer
 
-        check_components(weightless)
 
         meta_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(meta_path):
@@ -245,16 +244,10 @@ class SeedStoryPipeline:
         if meta.get("format") != FORMAT_NAME:
             raise PresetError(f"{meta_path} is not a seedstory model config")
         device = resolve_device(device) if not isinstance(device, torch.device) else device
-        if weightless and device.type != "cpu":
-            raise ValueError("weightless components load on the CPU only")
-        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        check_weightless(weightless, device)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), meta.get("num_img_tokens"))
-        vit_dir = os.path.join(path, "visual_tokenizer")
-        if "visual_tokenizer" in weightless:
-            vit = structure(lambda: QwenVisionTransformer.from_config(QwenVisionTransformer.load_config(vit_dir)),
-                            torch_dtype)
-        else:
-            vit = QwenVisionTransformer.from_pretrained(vit_dir, **kw)
+        vit = from_folder(QwenVisionTransformer, os.path.join(path, "visual_tokenizer"), torch_dtype,
+                          "visual_tokenizer" in weightless)
         agent = SeedStoryAgent.from_pretrained(os.path.join(path, "agent"), torch_dtype=torch_dtype,
                                                weightless="agent" in weightless)
         detok = Detokenizer.from_pretrained(os.path.join(path, "detokenizer"), torch_dtype=torch_dtype,
@@ -273,15 +266,12 @@ class SeedStoryPipeline:
         """Build from a preset name/path or an already-loaded preset config. ``weightless``: as
         ``from_pretrained``'s, for presets that load files (a random preset is built whole: its weights are drawn
         in turn, so skipping one part would change the next)."""
-        check_components(weightless)
         cfg = load_preset(preset, overrides) if isinstance(preset, str) else preset
         # runtime: device, dtype, cpu_offload, llm_quantization; checked before anything loads.
         rt = runtime_options(cfg.get("runtime", {}) or {})
         device, dtype = rt.device, rt.dtype
         low_vram = rt.cpu_offload or rt.llm_quantization is not None
-        if weightless and (low_vram or rt.detokenizer_device is not None or device.type != "cpu"):
-            raise ValueError("weightless components load on the CPU only, without offload, quantization or a "
-                             "de-tokenizer device")
+        check_weightless(weightless, device, placed=low_vram or rt.detokenizer_device is not None)
         settings = GenerationSettings.from_config(cfg.get("generation", {}))
         source = cfg.get("source", "random")
         if source == "random":
@@ -300,7 +290,8 @@ class SeedStoryPipeline:
         elif source == "release":
             from .checkpoints.release import load_release_pipeline
 
-            pipe = load_release_pipeline(cfg, device=device, dtype=dtype, weightless=weightless)  # placed per cfg.runtime
+            # (placed per cfg.runtime)
+            pipe = load_release_pipeline(cfg, device=device, dtype=dtype, weightless=weightless)
             pipe.settings = settings
         else:
             raise PresetError(f"unknown preset source {source!r} (random, pretrained or release)")
@@ -311,10 +302,15 @@ class SeedStoryPipeline:
         return pipe
 
 
-def check_components(names: Collection[str]) -> None:
+def check_weightless(names: Collection[str], device: torch.device, placed: bool = False) -> None:
+    """Raise unless ``names`` are components that can load without weights on ``device`` (``placed``: the runtime
+    asks for offload, quantization or a de-tokenizer device, which move weights)."""
     unknown = sorted(set(names) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"no component {', '.join(unknown)} (there are {', '.join(COMPONENTS)})")
+    if names and (device.type != "cpu" or placed):
+        raise ValueError("weightless components load on the CPU only, without offload, quantization or a "
+                         "de-tokenizer device")
 
 
 @contextlib.contextmanager

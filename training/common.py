@@ -74,8 +74,13 @@ def loads_from_main(accelerator) -> bool:
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     if fsdp is not None:
         return fsdp.fsdp_version == 2 and bool(fsdp.cpu_ram_efficient_loading)
+    return shards_weights(accelerator)
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only a shard of every weight (FSDP, DeepSpeed ZeRO-3)."""
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    return deepspeed is not None and deepspeed.zero_stage == 3
+    return accelerator.distributed_type.value == "FSDP" or (deepspeed is not None and deepspeed.zero_stage == 3)
 
 
 def allocate_weightless(model: torch.nn.Module) -> None:
@@ -87,7 +92,8 @@ def allocate_weightless(model: torch.nn.Module) -> None:
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta:
                 if id(p) not in given:
-                    given[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                    given[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                      requires_grad=p.requires_grad)
                 module._parameters[name] = given[id(p)]
 
 
@@ -514,9 +520,7 @@ class WeightAverage:
 def make_weight_average(accelerator, model: torch.nn.Module, t: DictConfig) -> Optional[WeightAverage]:
     """``WeightAverage`` when ``train.ema_decay`` > 0 (call after ``accelerator.prepare``, before resume)."""
     decay = float(t.get("ema_decay") or 0.0)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    sharded = accelerator.distributed_type.value == "FSDP" or (plugin is not None and plugin.zero_stage == 3)
-    if decay > 0 and sharded:
+    if decay > 0 and shards_weights(accelerator):
         # each process holds a shard of every weight: the average would be kept and checkpointed per shard
         raise ValueError("train.ema_decay is not supported under FSDP or DeepSpeed ZeRO-3 (the weights are sharded): "
                          "set train.ema_decay=0, or train with DDP or ZeRO-2")

@@ -207,12 +207,12 @@ def load_release_pipeline(cfg, device=None, dtype: Optional[torch.dtype] = None,
     ``SeedStoryPipeline.from_pretrained``'s (on the CPU, not placed)."""
     from ..config import GenerationSettings, runtime_options
     from ..models.detokenizer import Detokenizer
-    from ..pipeline import SeedStoryPipeline
+    from ..pipeline import SeedStoryPipeline, check_weightless
 
     c = plain_config(cfg)
     rt = runtime_options(c.get("runtime") or {}, device=device, dtype=dtype)
-    if weightless and (rt.device.type != "cpu" or rt.cpu_offload or rt.llm_quantization is not None):
-        raise ValueError("weightless components load on the CPU only, without offload or quantization")
+    check_weightless(weightless, rt.device,
+                     placed=rt.cpu_offload or rt.llm_quantization is not None or rt.detokenizer_device is not None)
     settings = GenerationSettings.from_config(c.get("generation") or {})
     agent_cfg = release_agent_config(c)
     check_release_files(c)

@@ -19,12 +19,13 @@ from .validation import (
     assign_state,
     check_state_dict,
     empty_init,
+    from_folder,
     first_few,
     module_shapes,
     shape_mismatch_error,
     shape_of,
     unknown_keys_error,
-    weightless as structure,
+    without_weights,
 )
 
 
@@ -91,12 +92,9 @@ def load_release_detokenizer(path: str, sdxl_dir: str, resampler_config: dict, d
     check_release_detokenizer(path, sdxl_dir, resampler_config, state=None if info is None else meta_state(info))
     dtype = dtype or torch.float32
     if weightless:
-        def config(cls, sub):
-            return lambda: cls.from_config(cls.load_config(sdxl_dir, subfolder=sub))
-
-        return (structure(lambda: ResamplerXL(**resampler_config), dtype).eval(),
-                structure(config(UNet2DConditionModel, "unet"), dtype).eval(),
-                structure(config(AutoencoderKL, "vae"), torch.float32).eval(),
+        return (without_weights(lambda: ResamplerXL(**resampler_config), dtype).eval(),
+                from_folder(UNet2DConditionModel, os.path.join(sdxl_dir, "unet"), dtype, weightless=True).eval(),
+                from_folder(AutoencoderKL, os.path.join(sdxl_dir, "vae"), torch.float32, weightless=True).eval(),
                 EulerDiscreteScheduler.from_pretrained(sdxl_dir, subfolder="scheduler"))
     unet = _diffusers_local(UNet2DConditionModel, sdxl_dir, "unet", dtype)
     with empty_init():

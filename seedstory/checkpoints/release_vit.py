@@ -14,7 +14,7 @@ import torch
 
 from .files import read_state_dict
 from .layout import require_file
-from .validation import assign_state, check_state_dict, empty_init, module_shapes, weightless as structure
+from .validation import assign_state, check_state_dict, empty_init, module_shapes, without_weights
 
 VISUAL_TOKENIZER_NAMES = ("qwen_vit_G.pt", "qwen_vit_G.safetensors")
 
@@ -73,7 +73,7 @@ def load_release_visual_tokenizer(path: str, config: Optional[dict] = None, dtyp
     path = resolve_visual_tokenizer_path(path)
     require_file(path, ("visual_tokenizer",))
     if weightless:
-        return structure(lambda: QwenVisionTransformer(**(config or {})), dtype or torch.float32).eval()
+        return without_weights(lambda: QwenVisionTransformer(**(config or {})), dtype or torch.float32).eval()
     state = read_state_dict(path)
     with empty_init():
         vit = QwenVisionTransformer(**(config or {}))

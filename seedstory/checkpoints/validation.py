@@ -86,7 +86,7 @@ def empty_init():
     return init_empty_weights(include_buffers=False)
 
 
-def weightless(build: Callable[[], torch.nn.Module], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+def without_weights(build: Callable[[], torch.nn.Module], dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """``build()``'s module without weights: its parameters on the meta device (no memory), its buffers real (they
     are computed at construction, e.g. rotary frequencies, and no checkpoint carries the non-persistent ones), cast
     to ``dtype``: what a training process other than the first loads of what FSDP or ZeRO-3 fill in from the
@@ -95,6 +95,14 @@ def weightless(build: Callable[[], torch.nn.Module], dtype: Optional[torch.dtype
         module = build()
     # (torch's own ``to``: diffusers' ModelMixin.to warns on every dtype it is given)
     return torch.nn.Module.to(module, dtype=dtype) if dtype is not None else module
+
+
+def from_folder(model_cls, folder: str, dtype: Optional[torch.dtype] = None, weightless: bool = False, **kwargs):
+    """A diffusers-style model (``ModelMixin``/``ConfigMixin``, ours included) saved in ``folder``, in ``dtype``:
+    ``from_pretrained``, or with ``weightless`` its structure alone, from the folder's config (``without_weights``)."""
+    if weightless:
+        return without_weights(lambda: model_cls.from_config(model_cls.load_config(folder)), dtype)
+    return model_cls.from_pretrained(folder, **({"torch_dtype": dtype} if dtype is not None else {}), **kwargs)
 
 
 def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> None:
@@ -110,6 +118,6 @@ def assign_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], dty
 
 
 __all__ = [
-    "assign_state", "check_state_dict", "empty_init", "first_few", "key_family", "module_shapes",
-    "shape_mismatch_error", "shape_of", "unknown_keys_error", "weightless",
+    "assign_state", "check_state_dict", "empty_init", "first_few", "from_folder", "key_family", "module_shapes",
+    "shape_mismatch_error", "shape_of", "unknown_keys_error", "without_weights",
 ]

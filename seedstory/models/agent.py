@@ -299,21 +299,19 @@ class SeedStoryAgent(nn.Module):
         (``checkpoints.validation.weightless``)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ..checkpoints.validation import empty_init, weightless as structure
+        from ..checkpoints.validation import empty_init, from_folder
 
         cfg_path = os.path.join(path, cls.config_name)
         extra = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-        llm_dir, kw = os.path.join(path, "llm"), {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        llm_dir = os.path.join(path, "llm")
         if weightless:
             config = AutoConfig.from_pretrained(llm_dir)
             with empty_init():  # in the dtype from_pretrained gives (the saved one by default; rotary tables stay fp32)
                 llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype or config.dtype)
-            inp, out = (structure(lambda d=os.path.join(path, name): QwenResampler.from_config(
-                QwenResampler.load_config(d)), torch_dtype) for name in ("input_resampler", "output_resampler"))
         else:
             llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch_dtype, **llm_kwargs)
-            inp = QwenResampler.from_pretrained(os.path.join(path, "input_resampler"), **kw)
-            out = QwenResampler.from_pretrained(os.path.join(path, "output_resampler"), **kw)
+        inp, out = (from_folder(QwenResampler, os.path.join(path, name), torch_dtype, weightless)
+                    for name in ("input_resampler", "output_resampler"))
         return cls(llm, inp, out, **extra).eval()
 
     @classmethod

@@ -318,7 +318,7 @@ class Detokenizer(nn.Module):
     ) -> "Detokenizer":
         """Load a directory written by ``save_pretrained`` (local files only). ``weightless``: the structure alone,
         no weights read (``checkpoints.validation.weightless``)."""
-        from ..checkpoints.validation import weightless as structure
+        from ..checkpoints.validation import from_folder
 
         missing = [d for d in ("resampler", "unet", "vae", "scheduler") if not os.path.isdir(os.path.join(path, d))]
         if missing:
@@ -327,11 +327,7 @@ class Detokenizer(nn.Module):
             raise ValueError("a weightless de-tokenizer stays where it is built (its parameters cannot be moved)")
 
         def part(model_cls, name: str, dtype: Optional[torch.dtype]):
-            folder = os.path.join(path, name)
-            if weightless:
-                return structure(lambda: model_cls.from_config(model_cls.load_config(folder)), dtype)
-            return model_cls.from_pretrained(folder, local_files_only=True,
-                                             **({"torch_dtype": dtype} if dtype is not None else {}))
+            return from_folder(model_cls, os.path.join(path, name), dtype, weightless, local_files_only=True)
 
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             sched_cls = _scheduler_class(json.load(f)["_class_name"])
