@@ -14,6 +14,9 @@ The rules are the world's (``seedstory.data.world``): a reader's rules, as far a
   lies in a place is stated when the story first gets there and must match when it comes back.
 
 A caption that does not parse (``parse_caption`` is None) is not judged; its sentences that parse are applied.
+An impossible sentence is counted once, then the story is taken at its word (as a reader reads on): the state
+changes as little as it takes for the sentence to have happened, so "Pim and Tansy walk to the beach" with Pim
+absent makes Pim present on the beach, and Pim's next wave is possible, not a second mistake.
 """
 from __future__ import annotations
 
@@ -75,6 +78,8 @@ class StoryState:
         """Apply one parsed sentence of a caption. ``entered`` is the setting this caption first reached (its
         ground is being stated; None at the caption's start). Returns (why it is impossible or None, entered)."""
         why = self._sentence(s, entered, judge)
+        if why:
+            self._make_true(s)
         if s["event"] in ("travel", "travel_group", "scene") and self.setting not in self.visited:
             entered = self.setting
             self.visited.add(self.setting)
@@ -97,6 +102,81 @@ class StoryState:
                 if p == prop:
                     return f"it lies {_at(pos)}" + ("" if setting == self.setting else f" in the {setting}")
         return None
+
+    # ------------------------------------------------------------------------------------------ taking the story's word
+    def _lose(self, prop: Optional[str]) -> None:
+        """Take ``prop`` from wherever the state has it."""
+        for c in self.present.values():
+            if c["holding"] == prop:
+                c["holding"] = None
+        for name, held in self.away.items():
+            if held == prop:
+                self.away[name] = None
+        for spots in self.ground.values():
+            for pos in [q for q, r in spots.items() if r == prop]:
+                del spots[pos]
+
+    def _put(self, name: str, position: Optional[str] = None, holding: Optional[str] = None,
+             keep: bool = False) -> None:
+        """Make ``name`` present at ``position`` (None: where they are, else a free spot) holding ``holding``
+        (``keep``: what they hold or carried off); whoever stood there steps to a free spot."""
+        now = self.present.get(name)
+        if keep:
+            holding = now["holding"] if now else self.away.get(name)
+        if position is None:
+            position = now["position"] if now else None
+        if position is None:
+            taken = {c["position"] for n, c in self.present.items() if n != name}
+            position = next((q for q in AT_PHRASE if q not in taken), None)
+        other = self._who_at(position, but=name) if position is not None else None
+        if other is not None:
+            taken = {c["position"] for n, c in self.present.items() if n not in (name, other)} | {position}
+            self.present[other]["position"] = next((q for q in AT_PHRASE if q not in taken), None)
+        if holding is not None:
+            self._lose(holding)
+        self.away.pop(name, None)
+        self.present[name] = {"position": position, "holding": holding}
+
+    def _make_true(self, s: dict) -> None:
+        """After an impossible sentence: change the state as little as it takes for the sentence to have happened."""
+        e, cs, p, pos = s["event"], s["characters"], s["prop"], s["position"]
+        c = cs[0] if cs else None
+        if e == "scene":
+            self.setting = s["setting"]
+        elif e in ("stand", "stand_holding", "arrive", "arrive_holding"):
+            self._put(c, pos, p if e.endswith("_holding") else None)
+        elif e == "lies":
+            self._lose(p)
+            self._here()[pos] = p
+        elif e in ("leave", "leave_holding"):
+            if e == "leave_holding":
+                self._put(c, holding=p)
+            held = self.present.pop(c)["holding"] if c in self.present else self.away.get(c)
+            self.away[c] = held
+        elif e == "move":
+            self._put(c, pos, keep=True)
+        elif e in ("pickup", "fetch"):
+            self._put(c, pos if e == "fetch" else None, p)
+        elif e == "drop":
+            self._put(c, keep=True)
+            self._lose(p)
+            self._here()[self.present[c]["position"]] = p
+        elif e == "give":
+            for name in cs:
+                self._put(name, keep=True)
+            self.present[cs[0]]["holding"] = None
+            self._put(cs[1], holding=p)
+        elif e in ("travel", "travel_group"):
+            for name in cs:
+                self._put(name, keep=True)
+            for name in [n for n in self.present if n not in cs]:  # whoever is not named stays behind
+                self.away[name] = self.present.pop(name)["holding"]
+            self.setting = s["setting"]
+        else:  # actions
+            for name in cs:
+                self._put(name, keep=True)
+            if e == "reads":
+                self._put(c, holding="book")
 
     # ------------------------------------------------------------------------------------------ rules
     def _here(self) -> dict:
