@@ -92,6 +92,8 @@ def test_a_caption_that_does_not_parse_is_not_judged_but_its_good_sentences_coun
     ("Bodo gives the kite to Pim.", "Pim drops the kite.", {"Pim", "Bodo"}, {"Pim": None, "Bodo": None}),
     # a drop by someone empty-handed: the prop lies at their feet from now on
     ("Bodo drops the apple.", "Bodo picks up the apple.", {"Pim", "Bodo"}, {"Pim": None, "Bodo": "apple"}),
+    # a swap with someone absent: they are there, in the other's place
+    ("Wex and Pim swap places.", "Wex waves at Pim.", {"Pim", "Bodo", "Wex"}, {"Pim": "apple"}),
     # an absent character's wave: they are there from now on
     ("Wex waves.", "Wex leaves.", {"Pim", "Bodo"}, {}),
 ])
@@ -105,4 +107,7 @@ def test_an_impossible_sentence_counts_once_then_the_story_is_taken_at_its_word(
     held = [c["holding"] for c in state.present.values() if c["holding"]] + [h for h in state.away.values() if h]
     lying = [p for spots in state.ground.values() for p in spots.values()]
     assert len(held + lying) == len(set(held + lying)), "a prop is in one place only"
-    assert len({c["position"] for c in state.present.values()}) == len(state.present), "one figure per spot"
+    placed = [c["position"] for c in state.present.values() if c["position"] is not None]
+    assert len(placed) == len(set(placed)), "one figure per spot"
+    if caption.endswith("swap places."):
+        assert state.present["Wex"]["position"] == "left", "Wex stands where Pim stood"

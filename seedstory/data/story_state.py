@@ -172,9 +172,12 @@ class StoryState:
             for name in [n for n in self.present if n not in cs]:  # whoever is not named stays behind
                 self.away[name] = self.present.pop(name)["holding"]
             self.setting = s["setting"]
-        else:  # actions
+        else:  # swap, actions
             for name in cs:
                 self._put(name, keep=True)
+            if e == "swap":
+                a, b = self.present[cs[0]], self.present[cs[1]]
+                a["position"], b["position"] = b["position"], a["position"]
             if e == "reads":
                 self._put(c, holding="book")
 
