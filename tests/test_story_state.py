@@ -86,16 +86,20 @@ def test_a_caption_that_does_not_parse_is_not_judged_but_its_good_sentences_coun
 @pytest.mark.parametrize("caption, then, present, holding", [
     # travel with someone absent: Pim is taken to have come along; Bodo, not named, stays behind
     ("Pim and Tansy go to the beach.", "Tansy waves at Pim.", {"Pim", "Tansy"}, {"Pim": "apple", "Tansy": None}),
-    # an arrival where someone stands: the newcomer is there, the other steps aside
-    ("Wex arrives on the left.", "Wex waves at Pim.", {"Pim", "Bodo", "Wex"}, {"Wex": None}),
+    # an arrival where someone stands and no spot is free: the newcomer is there, the one in the way leaves
+    ("Wex arrives on the left.", "Wex waves at Bodo.", {"Bodo", "Wex"}, {"Wex": None}),
     # a give of a prop the giver does not hold: the taker holds it now, nobody else does
     ("Bodo gives the kite to Pim.", "Pim drops the kite.", {"Pim", "Bodo"}, {"Pim": None, "Bodo": None}),
     # a drop by someone empty-handed: the prop lies at their feet from now on
     ("Bodo drops the apple.", "Bodo picks up the apple.", {"Pim", "Bodo"}, {"Pim": None, "Bodo": "apple"}),
     # a swap with someone absent: they are there, in the other's place
-    ("Wex and Pim swap places.", "Wex waves at Pim.", {"Pim", "Bodo", "Wex"}, {"Pim": "apple"}),
-    # an absent character's wave: they are there from now on
-    ("Wex waves.", "Wex leaves.", {"Pim", "Bodo"}, {}),
+    ("Wex and Pim swap places.", "Wex waves at Pim.", {"Pim", "Wex"}, {"Pim": "apple"}),
+    # an absent character's wave: they are there from now on (someone not named makes room)
+    ("Wex waves.", "Wex leaves.", {"Bodo"}, {"Bodo": None}),
+    # a drop of a prop one does not hold: it lies at one's feet, and one's hands are empty
+    ("Pim drops the kite.", "Pim picks up the kite.", {"Pim", "Bodo"}, {"Pim": "kite"}),
+    # an impossible travel to the place the story is in takes nobody away
+    ("Pim goes to the meadow.", "Bodo waves at Pim.", {"Pim", "Bodo"}, {"Pim": "apple"}),
 ])
 def test_an_impossible_sentence_counts_once_then_the_story_is_taken_at_its_word(caption, then, present, holding):
     state = StoryState.opening(OPENING)
@@ -107,7 +111,8 @@ def test_an_impossible_sentence_counts_once_then_the_story_is_taken_at_its_word(
     held = [c["holding"] for c in state.present.values() if c["holding"]] + [h for h in state.away.values() if h]
     lying = [p for spots in state.ground.values() for p in spots.values()]
     assert len(held + lying) == len(set(held + lying)), "a prop is in one place only"
-    placed = [c["position"] for c in state.present.values() if c["position"] is not None]
-    assert len(placed) == len(set(placed)), "one figure per spot"
+    placed = [c["position"] for c in state.present.values()]
+    assert None not in placed and len(placed) == len(set(placed)), "one figure per spot, at a spot"
+    assert all(None not in spots for spots in state.ground.values()), "a prop lies at a spot"
     if caption.endswith("swap places."):
         assert state.present["Wex"]["position"] == "left", "Wex stands where Pim stood"

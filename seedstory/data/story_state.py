@@ -116,10 +116,14 @@ class StoryState:
             for pos in [q for q, r in spots.items() if r == prop]:
                 del spots[pos]
 
+    def _send_away(self, name: str) -> None:
+        self.away[name] = self.present.pop(name)["holding"]
+
     def _put(self, name: str, position: Optional[str] = None, holding: Optional[str] = None,
-             keep: bool = False) -> None:
+             keep: bool = False, named: tuple = ()) -> None:
         """Make ``name`` present at ``position`` (None: where they are, else a free spot) holding ``holding``
-        (``keep``: what they hold or carried off); whoever stood there steps to a free spot."""
+        (``keep``: what they hold or carried off). Whoever stood there steps to a free spot; with none free (the
+        world has two), someone the sentence does not name (``named``) leaves."""
         now = self.present.get(name)
         if keep:
             holding = now["holding"] if now else self.away.get(name)
@@ -128,10 +132,17 @@ class StoryState:
         if position is None:
             taken = {c["position"] for n, c in self.present.items() if n != name}
             position = next((q for q in AT_PHRASE if q not in taken), None)
-        other = self._who_at(position, but=name) if position is not None else None
+        if position is None:  # no spot free: whoever the sentence does not name makes room
+            other = next((n for n in self.present if n != name and n not in named), None)
+            position = self.present[other]["position"] if other else next(iter(AT_PHRASE))
+        other = self._who_at(position, but=name)
         if other is not None:
             taken = {c["position"] for n, c in self.present.items() if n not in (name, other)} | {position}
-            self.present[other]["position"] = next((q for q in AT_PHRASE if q not in taken), None)
+            free = next((q for q in AT_PHRASE if q not in taken), None)
+            if free is None:
+                self._send_away(other)
+            else:
+                self.present[other]["position"] = free
         if holding is not None:
             self._lose(holding)
         self.away.pop(name, None)
@@ -141,6 +152,7 @@ class StoryState:
         """After an impossible sentence: change the state as little as it takes for the sentence to have happened."""
         e, cs, p, pos = s["event"], s["characters"], s["prop"], s["position"]
         c = cs[0] if cs else None
+        named = tuple(cs)
         if e == "scene":
             self.setting = s["setting"]
         elif e in ("stand", "stand_holding", "arrive", "arrive_holding"):
@@ -158,23 +170,22 @@ class StoryState:
         elif e in ("pickup", "fetch"):
             self._put(c, pos if e == "fetch" else None, p)
         elif e == "drop":
-            self._put(c, keep=True)
+            self._put(c)  # empty-handed now, where they stand
             self._lose(p)
             self._here()[self.present[c]["position"]] = p
-        elif e == "give":
-            for name in cs:
-                self._put(name, keep=True)
-            self.present[cs[0]]["holding"] = None
-            self._put(cs[1], holding=p)
         elif e in ("travel", "travel_group"):
+            if s["setting"] != self.setting:
+                for name in [n for n in self.present if n not in cs]:  # whoever is not named stays behind
+                    self._send_away(name)
+                self.setting = s["setting"]
             for name in cs:
-                self._put(name, keep=True)
-            for name in [n for n in self.present if n not in cs]:  # whoever is not named stays behind
-                self.away[name] = self.present.pop(name)["holding"]
-            self.setting = s["setting"]
-        else:  # swap, actions
+                self._put(name, keep=True, named=named)
+        else:  # give, swap, actions
             for name in cs:
-                self._put(name, keep=True)
+                self._put(name, keep=True, named=named)
+            if e == "give":
+                self.present[cs[0]]["holding"] = None
+                self._put(cs[1], holding=p, named=named)
             if e == "swap":
                 a, b = self.present[cs[0]], self.present[cs[1]]
                 a["position"], b["position"] = b["position"], a["position"]
@@ -306,7 +317,7 @@ class StoryState:
             if s["setting"] == self.setting:
                 return f"the story is already in the {self.setting}"
             for name in [n for n in self.present if n not in cs]:  # whoever is not named stays behind
-                self.away[name] = self.present.pop(name)["holding"]
+                self._send_away(name)
             self.setting = s["setting"]
             return None
         # actions: waves, waves_at, jumps, sleeps, sings, reads
