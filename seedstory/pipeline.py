@@ -235,7 +235,6 @@ class SeedStoryPipeline:
         from .checkpoints.validation import from_folder
         from .tokens import load_tokenizer
 
-
         meta_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(meta_path):
             raise PresetError(f"{path} is not a seedstory model directory (no {CONFIG_FILE})")

@@ -145,8 +145,7 @@ class StoryState:
                 self.present[other]["position"] = free
         if holding is not None:
             self._lose(holding)
-        self.away.pop(name, None)
-        self.present[name] = {"position": position, "holding": holding}
+        self._place(name, position, holding)
 
     def _make_true(self, s: dict) -> None:
         """After an impossible sentence: change the state as little as it takes for the sentence to have happened."""
@@ -163,8 +162,10 @@ class StoryState:
         elif e in ("leave", "leave_holding"):
             if e == "leave_holding":
                 self._put(c, holding=p)
-            held = self.present.pop(c)["holding"] if c in self.present else self.away.get(c)
-            self.away[c] = held
+            if c in self.present:
+                self._send_away(c)
+            else:
+                self.away.setdefault(c, None)
         elif e == "move":
             self._put(c, pos, keep=True)
         elif e in ("pickup", "fetch"):
@@ -258,8 +259,7 @@ class StoryState:
             held = self.present[c]["holding"]
             if e == "leave_holding" and held != p:
                 return f"{c} holds {_the(held)}, not the {p}"
-            del self.present[c]
-            self.away[c] = held
+            self._send_away(c)
             return None
         if e == "move":
             if c not in self.present:

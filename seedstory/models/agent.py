@@ -296,7 +296,7 @@ class SeedStoryAgent(nn.Module):
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, weightless: bool = False,
                         **llm_kwargs) -> "SeedStoryAgent":
         """Load a folder written by ``save_pretrained``. ``weightless``: the structure alone, no weights read
-        (``checkpoints.validation.weightless``)."""
+        (``checkpoints.validation.without_weights``)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..checkpoints.validation import empty_init, from_folder

@@ -317,7 +317,7 @@ class Detokenizer(nn.Module):
         weightless: bool = False,
     ) -> "Detokenizer":
         """Load a directory written by ``save_pretrained`` (local files only). ``weightless``: the structure alone,
-        no weights read (``checkpoints.validation.weightless``)."""
+        no weights read (``checkpoints.validation.without_weights``)."""
         from ..checkpoints.validation import from_folder
 
         missing = [d for d in ("resampler", "unet", "vae", "scheduler") if not os.path.isdir(os.path.join(path, d))]
