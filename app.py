@@ -316,6 +316,9 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                                     label="The penalty counts repeated (empty: preset default)")
                 no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: preset default, "
                                             "-1: off)", precision=0, value=0, minimum=-1, maximum=100)
+                caption_candidates = gr.Slider(0, 8, value=0, step=1,
+                                               label="Captions drawn per frame when sampling, the likeliest new one "
+                                                     "kept (0: preset default)")
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="Image steps (0: preset default)")
@@ -344,7 +347,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
         fields = dict(decoding=decoding, temperature=temperature, top_p=top_p, steps=steps, guidance=guidance,
                       scheduler=scheduler, mode=mode, window=window, seed=seed, repetition_penalty=repetition,
                       no_repeat_captions=no_repeat, repetition_scope=scope, candidates=candidates,
-                      context_from=context_from)
+                      context_from=context_from, caption_candidates=caption_candidates)
         settings = list(fields.values())
 
         def configure(*values):

@@ -55,6 +55,7 @@ class UISettings:
     repetition_penalty: Optional[float] = None  # 1 = off; None/0 = the preset's
     no_repeat_captions: Optional[int] = None  # -1 = off; None/empty/0 = the preset's
     repetition_scope: Optional[str] = None  # tokens | words | word_starts; None/empty = the preset's
+    caption_candidates: Optional[int] = None  # captions drawn per frame, the likeliest new one kept; None/0 = the preset's
     candidates: Optional[int] = None  # pictures painted per frame, the closest kept; None/0 = the preset's
     context_from: Optional[str] = None  # features | picture; None/empty = the preset's
 
@@ -79,6 +80,7 @@ class UISettings:
             repetition_penalty=float(self.repetition_penalty) if self.repetition_penalty else None,
             no_repeat_captions=self._no_repeat(),
             repetition_scope=self.repetition_scope or None,
+            caption_candidates=int(self.caption_candidates) if self.caption_candidates else None,
             candidates=int(self.candidates) if self.candidates else None,
             context_from=self.context_from or None,
         )

@@ -41,6 +41,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-repeat-captions", type=int, metavar="N",
                    help="when sampling, draw a caption again (up to 3 more times) while it repeats one of the last N "
                         "(0: off; the demo preset uses its own)")
+    g.add_argument("--caption-candidates", type=int, metavar="K",
+                   help="when sampling, captions drawn per frame; the likeliest that repeats none of the last N is kept "
+                        "(1: off; the demo preset uses its own)")
     g.add_argument("--candidates", type=int, metavar="K",
                    help="pictures painted per frame; the one the visual tokenizer reads back closest to the story's "
                         "features is kept (1: off; k times the painting time)")
@@ -65,7 +68,7 @@ def settings_from_args(pipe, args):
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, window=args.window, repetition_penalty=args.repetition_penalty,
         repetition_scope=args.repetition_scope, no_repeat_captions=args.no_repeat_captions,
-        candidates=args.candidates, context_from=args.context_from,
+        caption_candidates=args.caption_candidates, candidates=args.candidates, context_from=args.context_from,
     )
 
 

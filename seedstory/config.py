@@ -112,6 +112,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
 REPETITION_SCOPES = ("tokens", "words", "word_starts")
 CONTEXT_SOURCES = ("features", "picture")
 MAX_CANDIDATES = 16  # pictures painted per frame at most (GenerationSettings.candidates)
+MAX_CAPTION_CANDIDATES = 16  # captions drawn per frame at most (GenerationSettings.caption_candidates)
 
 
 @dataclass
@@ -140,6 +141,10 @@ class GenerationSettings:
     # drawn again (up to engine.CAPTION_RETRIES more times); 0 = off. The token penalty above only sees the
     # previous caption, so small models fall into two-frame loops (A, B, A, B, ...) without this.
     no_repeat_captions: int = 0
+    # When sampling, captions drawn per frame; the likeliest under the agent (its logits with the penalty, before
+    # temperature and top-p) that does not repeat a recent one is kept: near-greedy captions that still move
+    # on, where greedy decoding would loop and one draw at a temperature is often impossible. 1 = off.
+    caption_candidates: int = 1
     # Pictures painted per frame (seeds seed, seed+1, ...); the one the visual tokenizer reads back closest to
     # the features it was painted from is kept, as DALL-E reranked its samples with CLIP. 1 = off. They are
     # painted as one batch: k times the de-tokenizer's work and memory.
@@ -179,6 +184,8 @@ class GenerationSettings:
              f"repetition_scope must be one of {', '.join(REPETITION_SCOPES)}"),
             (0 <= self.no_repeat_captions <= 100, "no_repeat_captions must be between 0 (off) and 100"),
             (1 <= self.candidates <= MAX_CANDIDATES, f"candidates must be between 1 (off) and {MAX_CANDIDATES}"),
+            (1 <= self.caption_candidates <= MAX_CAPTION_CANDIDATES,
+             f"caption_candidates must be between 1 (off) and {MAX_CAPTION_CANDIDATES}"),
             (self.context_from in CONTEXT_SOURCES, f"context_from must be one of {', '.join(CONTEXT_SOURCES)}"),
             (self.max_frames >= 2, "max_frames must be at least 2"),
             (self.height is None or (self.height >= 8 and self.height % 8 == 0), "height must be a multiple of 8"),

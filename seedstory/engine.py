@@ -375,14 +375,23 @@ class StoryEngine:
                 progress("writing text", 0.0)
             avoid = repeated_captions(recent, settings)
             penalized = self._penalized(recent[-1] if recent else None, settings)
-            for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
-                # the generator moves on, so each try draws another caption; the cache is not changed by a try
+            draws = settings.caption_candidates if settings.do_sample else 1
+            best = {}  # repeats (True/False) -> (logprob, text, result) of the likeliest draw so far; each holds a cache
+            # The generator moves on, so each draw is another caption; the cache is not changed by a draw. When
+            # every draw repeats a recent caption, up to CAPTION_RETRIES more are drawn until one does not.
+            for n in range(draws + (CAPTION_RETRIES if avoid else 0)):
+                if n >= draws and False in best:
+                    break
                 result = agent.decode_text(state.logits, state.parts, prompt.image_ids, prompt.eos_id, cfg, generator,
                                            should_stop=should_stop, start_pos=state.next_pos, recent=penalized,
                                            word_forms=forms)
                 text = self.display_text(result.ids)
-                if caption_key(text) not in avoid or (should_stop is not None and should_stop()):
+                repeats = caption_key(text) in avoid
+                if repeats not in best or result.logprob > best[repeats][0]:  # ties: the first drawn
+                    best[repeats] = (result.logprob, text, result)
+                if should_stop is not None and should_stop():
                     break
+            _, text, result = best.get(False) or best[True]  # the likeliest new caption
             text_ids, kv = result.ids, result.kv
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]

@@ -546,6 +546,7 @@ def test_text_decoding_defaults_to_the_presets_own():
         "repetition_scope": ("word_starts", [(None, "word_starts"), ("", "word_starts"), ("tokens", "tokens")],
                              "letters", "repetition_scope must be one of tokens, words, word_starts"),
         "candidates": (3, [(None, 3), (0, 3), (1.0, 1)], 17, "candidates must be between 1 .off. and 16"),
+        "caption_candidates": (4, [(None, 4), (0, 4), (2.0, 2)], 17, "caption_candidates must be between 1 .off. and 16"),
         "context_from": ("picture", [(None, "picture"), ("", "picture"), ("features", "features")], "pixels",
                          "context_from must be one of features, picture"),
     }

@@ -81,11 +81,12 @@ def test_same_seed_same_story(story_dir, workdir, opening_png):
         (["--mode", "recompute", "--window", "2"], {"window": 2}),
         (["--sample", "--seed", "5", "--steps", "1"], {"do_sample": True, "seed": 5, "num_inference_steps": 1}),
         (["--sample", "--no-repeat-captions", "2"], {"do_sample": True, "no_repeat_captions": 2}),
+        (["--sample", "--caption-candidates", "3", "--steps", "1"], {"do_sample": True, "caption_candidates": 3}),
         (["--repetition-scope", "words"], {"repetition_scope": "words"}),
         (["--candidates", "2", "--steps", "1"], {"candidates": 2, "num_inference_steps": 1}),
         (["--context-from", "picture", "--steps", "1"], {"context_from": "picture"}),
     ],
-    ids=["sink-window2", "recompute-window2", "sample", "no-repeat", "scope", "candidates", "context-from"],
+    ids=["sink-window2", "recompute-window2", "sample", "no-repeat", "caption-candidates", "scope", "candidates", "context-from"],
 )
 def test_generate_options(flags, want, workdir, opening_png, capsys):
     out = workdir / ("opt_" + "_".join(f.strip("-") for f in flags))

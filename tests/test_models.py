@@ -236,6 +236,73 @@ def test_repetition_scope_counts_a_word_with_or_without_its_space(monkeypatch):
         agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(repetition_scope="words"))
 
 
+def test_decode_text_scores_the_caption_it_draws(monkeypatch):
+    """``logprob``: log p(text, stop) under the decoder's logits before temperature, what ranks caption candidates."""
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    _, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    eos = tok.eos_token_id
+    first = torch.full((agent.llm.config.vocab_size,), -3.0)
+    first[40], first[41] = 2.0, 1.0
+    after = torch.full_like(first, -3.0)
+    after[eos] = 4.0
+    monkeypatch.setattr(agent, "prefill", lambda ids, kv=None, start_pos=None: (after, None, kv))
+    result = agent.decode_text(first, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=4))
+    # scored by the distribution drawn from: the image tokens other than <img> are masked out, and at the first
+    # step (the minimum length) EOS and <img> as well
+    masked = sorted(pf.image_ids.all - {pf.image_ids.boi})
+
+    def log_p(logits, token, also=()):
+        logits = logits.clone()
+        logits[masked + list(also)] = float("-inf")
+        return float(torch.log_softmax(logits, dim=-1)[token])
+
+    assert result.ids == [40] and result.stop == "eos"
+    start = (eos, pf.image_ids.boi)
+    assert result.logprob == pytest.approx(log_p(first, 40, start) + log_p(after, eos))
+    # a draw at a high temperature is scored by the same untempered distribution
+    hot = DecodingConfig(do_sample=True, temperature=5.0, max_new_tokens=1)
+    drawn = agent.decode_text(first, kv, pf.image_ids, eos, hot, torch.Generator().manual_seed(0))
+    assert drawn.logprob == pytest.approx(log_p(first, drawn.ids[0], start))
+
+
+def test_engine_keeps_the_likeliest_new_caption_of_its_candidates(tiny_pipeline, opening_image, monkeypatch):
+    from seedstory.engine import StoryEngine
+
+    engine = StoryEngine(tiny_pipeline, mode="window", window=4)
+    tree = engine.start(opening_image, "Pim is on the left.")
+    opening = tree.get(tree.current)
+    base = tiny_pipeline.settings.replace(do_sample=True, max_new_tokens=8, num_inference_steps=1,
+                                          no_repeat_captions=3)
+    agent, real_decode, real_display = tiny_pipeline.agent, tiny_pipeline.agent.decode_text, engine.display_text
+    scores, draws = [], []
+
+    def decode(*args, **kwargs):
+        result = real_decode(*args, **kwargs)
+        result.logprob = scores[len(draws)]
+        draws.append(list(result.ids))
+        return result
+
+    monkeypatch.setattr(agent, "decode_text", decode)
+    # the first draw copies the opening caption (the likeliest, but a repeat); of the others the likelier is kept
+    monkeypatch.setattr(engine, "display_text",
+                        lambda ids: "Pim is on the left." if len(draws) == 1 else real_display(ids))
+    scores[:] = [-1.0, -6.0, -2.0, -4.0]
+    frame = engine.step(tree, opening.id, settings=base.replace(caption_candidates=4), seed=5)
+    assert len(draws) == 4 and frame.text == real_display(draws[2])
+    assert frame.token_ids[: len(draws[2])] == draws[2]  # the cache holds the kept caption's tokens
+    # one candidate: the first new draw, as before
+    draws.clear()
+    frame = engine.step(tree, opening.id, settings=base, seed=5)
+    assert len(draws) == 2 and frame.text == real_display(draws[1])
+    # greedy: every draw would be the same caption, so one is drawn
+    draws.clear()
+    engine.step(tree, opening.id, settings=base.replace(caption_candidates=4, do_sample=False), seed=5)
+    assert len(draws) == 1
+    with pytest.raises(Exception, match="caption_candidates must be between 1"):
+        base.replace(caption_candidates=0)
+
+
 def test_engine_redraws_a_caption_that_repeats_a_recent_one(tiny_pipeline, opening_image, monkeypatch):
     from seedstory.engine import CAPTION_RETRIES, StoryEngine, repeated_captions
 
@@ -268,7 +335,7 @@ def test_engine_redraws_a_caption_that_repeats_a_recent_one(tiny_pipeline, openi
     draws.clear()
     monkeypatch.setattr(engine, "display_text", lambda ids: display(ids, repeat_first=99))
     stuck = engine.step(tree, opening.id, settings=guard, seed=5)
-    assert len(draws) == 1 + CAPTION_RETRIES and stuck.text.strip()  # gives up and keeps the last draw
+    assert len(draws) == 1 + CAPTION_RETRIES and stuck.text.strip()  # gives up and keeps the likeliest draw
     with pytest.raises(Exception, match="no_repeat_captions"):
         base.replace(no_repeat_captions=-1)
 

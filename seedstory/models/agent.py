@@ -61,6 +61,9 @@ class TextResult:
     stop: str  # "image" (the model opened an image), "eos" or "length"
     kv: KV
     next_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # [V] after the last fed token
+    # log p(ids, stop) under the distribution the tokens were drawn from before temperature and top-p (the model's
+    # logits with the repetition penalty and the caption masks): what ranks captions drawn for one frame.
+    logprob: float = 0.0
 
 
 class SeedStoryAgent(nn.Module):
@@ -248,6 +251,7 @@ class SeedStoryAgent(nn.Module):
         warpers = self._warpers(cfg)
         # Tokens are written into one preallocated cache in place: a token's cost does not grow with the story.
         cache = KVWorkspace(kv, room=cfg.max_new_tokens + len(image_ids.block))
+        logprob = 0.0
         while True:
             scores = logits[None].clone()  # [1, V]
             if penalty is not None and seen:
@@ -259,16 +263,17 @@ class SeedStoryAgent(nn.Module):
                 scores[:, eos_id] = float("-inf")
                 scores[:, image_ids.boi] = float("-inf")
             token = self._pick(scores, warpers, generator)
+            logprob += float(torch.log_softmax(scores[0].float(), dim=-1)[token])
             if token == image_ids.boi:
-                return TextResult(ids, "image", cache.snapshot(), logits)
+                return TextResult(ids, "image", cache.snapshot(), logits, logprob)
             if token == eos_id:
-                return TextResult(ids, "eos", cache.snapshot(), logits)
+                return TextResult(ids, "eos", cache.snapshot(), logits, logprob)
             ids.append(token)
             remember(token)
             logits, _, cache = self.prefill(torch.tensor([token]), kv=cache, start_pos=pos)
             pos += 1
             if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
-                return TextResult(ids, "length", cache.snapshot(), logits)
+                return TextResult(ids, "length", cache.snapshot(), logits, logprob)
 
     @torch.no_grad()
     def image_block(
