@@ -27,7 +27,7 @@ import gradio as gr  # noqa: E402
 
 from seedstory import app_logic as logic  # noqa: E402
 from seedstory.atomic import write_file  # noqa: E402
-from seedstory.config import CONTEXT_SOURCES, REPETITION_SCOPES, list_presets  # noqa: E402
+from seedstory.config import CONTEXT_SOURCES, MAX_CAPTION_CANDIDATES, REPETITION_SCOPES, list_presets  # noqa: E402
 from seedstory.holder import ModelHolder  # noqa: E402
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # StoryError, ImageError, PresetError, CheckpointError...
@@ -316,7 +316,7 @@ def build_app(holder: ModelHolder, allow_model_switch: bool = False) -> gr.Block
                                     label="The penalty counts repeated (empty: preset default)")
                 no_repeat = gr.Number(label="Redraw a caption that repeats one of the last N (0: preset default, "
                                             "-1: off)", precision=0, value=0, minimum=-1, maximum=100)
-                caption_candidates = gr.Slider(0, 8, value=0, step=1,
+                caption_candidates = gr.Slider(0, MAX_CAPTION_CANDIDATES, value=0, step=1,
                                                label="Captions drawn per frame when sampling, the likeliest new one "
                                                      "kept (0: preset default)")
                 seed = gr.Number(label="Seed (0: preset default)", precision=0, value=None)
