@@ -375,23 +375,22 @@ class StoryEngine:
                 progress("writing text", 0.0)
             avoid = repeated_captions(recent, settings)
             penalized = self._penalized(recent[-1] if recent else None, settings)
-            draws = settings.caption_candidates if settings.do_sample else 1
-            best = {}  # repeats (True/False) -> (logprob, text, result) of the likeliest draw so far; each holds a cache
-            # The generator moves on, so each draw is another caption; the cache is not changed by a draw. When
-            # every draw repeats a recent caption, up to CAPTION_RETRIES more are drawn until one does not.
-            for n in range(draws + (CAPTION_RETRIES if avoid else 0)):
-                if n >= draws and False in best:
+            # k candidates in one batch when sampling (greedy would draw the same caption k times); while every
+            # draw repeats a recent caption, up to CAPTION_RETRIES more, one at a time. The generator moves on, so
+            # each draw is another caption; the cache is not changed by a draw.
+            batch = settings.caption_candidates if settings.do_sample else 1
+            drawn = []  # (repeats a recent caption, log-probability, text, result)
+            for _ in range(1 + (CAPTION_RETRIES if avoid else 0)):
+                for result in agent.decode_texts(state.logits, state.parts, prompt.image_ids, prompt.eos_id, cfg,
+                                                 batch, generator, should_stop=should_stop, start_pos=state.next_pos,
+                                                 recent=penalized, word_forms=forms):
+                    text = self.display_text(result.ids)
+                    drawn.append((caption_key(text) in avoid, result.logprob, text, result))
+                if not all(d[0] for d in drawn) or (should_stop is not None and should_stop()):
                     break
-                result = agent.decode_text(state.logits, state.parts, prompt.image_ids, prompt.eos_id, cfg, generator,
-                                           should_stop=should_stop, start_pos=state.next_pos, recent=penalized,
-                                           word_forms=forms)
-                text = self.display_text(result.ids)
-                repeats = caption_key(text) in avoid
-                if repeats not in best or result.logprob > best[repeats][0]:  # ties: the first drawn
-                    best[repeats] = (result.logprob, text, result)
-                if should_stop is not None and should_stop():
-                    break
-            _, text, result = best.get(False) or best[True]  # the likeliest new caption
+                batch = 1
+            # the likeliest caption that repeats none (ties: the first drawn)
+            _, _, text, result = max(drawn, key=lambda d: (not d[0], d[1]))
             text_ids, kv = result.ids, result.kv
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]

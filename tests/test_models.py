@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from seedstory.models.agent import DecodingConfig, SeedStoryAgent, cosine_loss
+from seedstory.models.kv import kv_length
 from seedstory.models.qwen_resampler import QwenResampler, resize_pos_table, sincos_2d
 from seedstory.models.qwen_vit import QwenVisionTransformer, VisualAttention
 from seedstory.models.resampler_xl import ResamplerXL
@@ -224,7 +225,7 @@ def test_repetition_scope_counts_a_word_with_or_without_its_space(monkeypatch):
     logits[piece], logits[word] = -3.0, 9.0
     after = logits.clone()
     after[word], after[spaced] = -3.0, 5.0
-    monkeypatch.setattr(agent, "prefill", lambda ids, kv=None, start_pos=None: (after, None, kv))
+    monkeypatch.setattr(agent, "_next_logits", lambda ids, cache, pos: (after.expand(len(ids), -1), cache))
 
     def written(scope):
         cfg = DecodingConfig(max_new_tokens=2, min_new_tokens=2, repetition_penalty=2.0, repetition_scope=scope)
@@ -246,7 +247,7 @@ def test_decode_text_scores_the_caption_it_draws(monkeypatch):
     first[40], first[41] = 2.0, 1.0
     after = torch.full_like(first, -3.0)
     after[eos] = 4.0
-    monkeypatch.setattr(agent, "prefill", lambda ids, kv=None, start_pos=None: (after, None, kv))
+    monkeypatch.setattr(agent, "_next_logits", lambda ids, cache, pos: (after.expand(len(ids), -1), cache))
     result = agent.decode_text(first, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=4))
     # scored by the distribution drawn from: the image tokens other than <img> are masked out, and at the first
     # step (the minimum length) EOS and <img> as well
@@ -266,6 +267,44 @@ def test_decode_text_scores_the_caption_it_draws(monkeypatch):
     assert drawn.logprob == pytest.approx(log_p(first, drawn.ids[0], start))
 
 
+def test_decode_texts_in_one_batch_is_each_caption_decoded_alone():
+    """n captions drawn as one batch: each row's ids, cache and score are what feeding its text alone gives."""
+    agent, tok, pf = tiny_agent()
+    ids = torch.tensor(pf.context_ids(["a cat"]))
+    logits, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
+    eos = tok.eos_token_id
+    cfg = DecodingConfig(do_sample=True, temperature=1.5, max_new_tokens=6, repetition_penalty=1.3)
+    rows = agent.decode_texts(logits, kv, pf.image_ids, eos, cfg, 4, torch.Generator().manual_seed(3), recent=[40, 41])
+    assert len({tuple(r.ids) for r in rows}) > 1  # different draws
+    banned = sorted(pf.image_ids.all - {pf.image_ids.boi})
+    for row in rows:
+        assert 1 <= len(row.ids) <= 6 and row.stop in ("image", "eos", "length")
+        assert (row.stop == "length") == (len(row.ids) == 6)
+        # the cache: the context, then this row's text, as feeding it after the context gives
+        _, _, alone = agent.prefill(torch.tensor(row.ids), kv=kv) if row.ids else (None, None, kv)
+        assert kv_length(row.kv) == kv_length(kv) + len(row.ids)
+        for (k, v), (k2, v2) in zip(row.kv, alone):
+            assert torch.allclose(k, k2, atol=1e-5) and torch.allclose(v, v2, atol=1e-5)
+        # the score: each token under the penalized, masked logits before it (the context's, then its own)
+        seen, total, step_logits = {40, 41}, 0.0, logits
+        chosen = row.ids + ([] if row.stop == "length" else [pf.image_ids.boi if row.stop == "image" else eos])
+        for i, token in enumerate(chosen):
+            scores = step_logits.clone()
+            for t in seen:
+                scores[t] = scores[t] / 1.3 if scores[t] > 0 else scores[t] * 1.3
+            scores[banned] = float("-inf")
+            if i == 0:
+                scores[[eos, pf.image_ids.boi]] = float("-inf")
+            total += float(torch.log_softmax(scores, dim=-1)[token])
+            seen.add(token)
+            if i < len(row.ids):
+                step_logits, _, _ = agent.prefill(torch.tensor(row.ids[: i + 1]), kv=kv)
+        assert row.logprob == pytest.approx(total, abs=1e-4)
+    # greedy rows are the one greedy caption
+    greedy = agent.decode_texts(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6), 3)
+    assert [r.ids for r in greedy] == [agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6)).ids] * 3
+
+
 def test_engine_keeps_the_likeliest_new_caption_of_its_candidates(tiny_pipeline, opening_image, monkeypatch):
     from seedstory.engine import StoryEngine
 
@@ -274,22 +313,22 @@ def test_engine_keeps_the_likeliest_new_caption_of_its_candidates(tiny_pipeline,
     opening = tree.get(tree.current)
     base = tiny_pipeline.settings.replace(do_sample=True, max_new_tokens=8, num_inference_steps=1,
                                           no_repeat_captions=3)
-    agent, real_decode, real_display = tiny_pipeline.agent, tiny_pipeline.agent.decode_text, engine.display_text
+    agent, real_decode, real_display = tiny_pipeline.agent, tiny_pipeline.agent.decode_texts, engine.display_text
     scores, draws = [], []
 
     def decode(*args, **kwargs):
-        result = real_decode(*args, **kwargs)
-        result.logprob = scores[len(draws)]
-        draws.append(list(result.ids))
-        return result
+        results = real_decode(*args, **kwargs)
+        for result in results:
+            result.logprob = scores[len(draws)]
+            draws.append(result.ids)
+        return results
 
-    monkeypatch.setattr(agent, "decode_text", decode)
-    # the first draw copies the opening caption (the likeliest, but a repeat); of the others the likelier is kept
-    monkeypatch.setattr(engine, "display_text",
-                        lambda ids: "Pim is on the left." if len(draws) == 1 else real_display(ids))
+    # a step's first draw reads as a copy of the opening caption: the likeliest, but a repeat
+    monkeypatch.setattr(agent, "decode_texts", decode)
+    monkeypatch.setattr(engine, "display_text", lambda ids: "Pim is on the left." if ids is draws[0] else real_display(ids))
     scores[:] = [-1.0, -6.0, -2.0, -4.0]
     frame = engine.step(tree, opening.id, settings=base.replace(caption_candidates=4), seed=5)
-    assert len(draws) == 4 and frame.text == real_display(draws[2])
+    assert len(draws) == 4 and frame.text == real_display(draws[2])  # of the new ones, the likeliest
     assert frame.token_ids[: len(draws[2])] == draws[2]  # the cache holds the kept caption's tokens
     # one candidate: the first new draw, as before
     draws.clear()
@@ -355,13 +394,13 @@ def test_engine_penalizes_the_previous_caption_and_off_changes_nothing(tiny_pipe
                     seed=3)
     assert a.text == b.text  # the default (1.0) is off
     # the scope reaches the decoder with the tokenizer's word forms
-    seen, decode = [], tiny_pipeline.agent.decode_text
+    seen, decode = [], tiny_pipeline.agent.decode_texts
 
     def spy(*args, **kw):
         seen.append((args[4].repetition_scope, kw["word_forms"]))
         return decode(*args, **kw)
 
-    monkeypatch.setattr(tiny_pipeline.agent, "decode_text", spy)
+    monkeypatch.setattr(tiny_pipeline.agent, "decode_texts", spy)
     for scope in ("tokens", "words", "word_starts"):
         engine.step(tree, opening.id, settings=on.replace(repetition_scope=scope), seed=3)
     assert [s for s, _ in seen] == ["tokens", "words", "word_starts"]

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from ..tokens import ImageTokenIds
-from .kv import KV, KVWorkspace, kv_length, run_decoder
+from .kv import KV, KVWorkspace, kv_length, kv_repeat, kv_row, run_decoder
 from .qwen_resampler import QwenResampler
 
 if TYPE_CHECKING:
@@ -203,77 +203,114 @@ class SeedStoryAgent(nn.Module):
         return warpers
 
     @staticmethod
-    def _pick(scores: torch.Tensor, warpers: Optional[LogitsProcessorList], generator: Optional[torch.Generator]) -> int:
-        """The next id from ``scores`` [1, V]: the argmax, or a draw from the warped distribution with our own
-        ``generator`` (``generate`` would draw from torch's global one, so a frame's seed would not decide it)."""
+    def _pick(scores: torch.Tensor, warpers: Optional[LogitsProcessorList], generator: Optional[torch.Generator]) -> list[int]:
+        """The next id of each row of ``scores`` [n, V]: the argmax, or a draw from the warped distribution with our
+        own ``generator`` (``generate`` would draw from torch's global one, so a frame's seed would not decide it)."""
         if warpers is None:
-            return int(scores.argmax())
+            return scores.argmax(dim=-1).tolist()
         probs = torch.softmax(warpers(_NO_IDS, scores), dim=-1)
-        return int(torch.multinomial(probs[0].float().cpu(), 1, generator=generator))
+        return torch.multinomial(probs.float().cpu(), 1, generator=generator)[:, 0].tolist()
+
+    def decode_text(self, logits: torch.Tensor, kv: KV, image_ids: ImageTokenIds, eos_id: int, cfg: DecodingConfig,
+                    generator: Optional[torch.Generator] = None, **kwargs) -> TextResult:
+        """One caption: ``decode_texts`` with n = 1."""
+        return self.decode_texts(logits, kv, image_ids, eos_id, cfg, 1, generator, **kwargs)[0]
 
     @torch.no_grad()
-    def decode_text(
+    def decode_texts(
         self,
         logits: torch.Tensor,
         kv: KV,
         image_ids: ImageTokenIds,
         eos_id: int,
         cfg: DecodingConfig,
+        n: int = 1,
         generator: Optional[torch.Generator] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         start_pos: Optional[int] = None,
         recent: Sequence[int] = (),
         word_forms: Optional[WordForms] = None,
-    ) -> TextResult:
-        """Decode text from ``logits`` until the model opens an image (``<img>``), emits EOS, or hits
-        ``max_new_tokens``. The image-block tokens other than ``<img>`` are never chosen here; the
-        chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once). With
+    ) -> list[TextResult]:
+        """Decode ``n`` captions at once (one batch) from ``logits``, each until the model opens an image
+        (``<img>``), emits EOS, or hits ``max_new_tokens``. The image-block tokens other than ``<img>`` are never
+        chosen here; the chosen ``<img>``/EOS is not fed (``image_block`` feeds the whole block at once). With
         ``cfg.repetition_penalty`` > 1, the ids in ``recent`` (the previous frame's text) and those written
         so far are penalized as in CTRL / transformers: positive logits divided, negative ones multiplied.
-        ``cfg.repetition_scope`` other than "tokens" needs ``word_forms`` (``PromptFormat.word_forms()``)."""
+        ``cfg.repetition_scope`` other than "tokens" needs ``word_forms`` (``PromptFormat.word_forms()``).
+        Each result's ``kv`` is ``kv`` and its own text; with n > 1 they are views of one batch buffer, so keep
+        one (``kv_slice`` copies) and drop the others."""
         if cfg.repetition_scope != "tokens" and word_forms is None:
             raise ValueError(f"repetition_scope {cfg.repetition_scope!r} needs the tokenizer's word_forms")
         banned = torch.tensor(sorted(image_ids.all - {image_ids.boi}), device=logits.device)
         pos = kv_length(kv) if start_pos is None else start_pos
-        ids: list[int] = []
-        seen: set[int] = set()
+        ids: list[list[int]] = [[] for _ in range(n)]
+        stops: list[Optional[str]] = [None] * n
+        logprobs = [0.0] * n
+        last_logits: list[Optional[torch.Tensor]] = [None] * n
 
-        def remember(token: int) -> None:
+        def remember(seen: set[int], token: int) -> None:
             if cfg.repetition_scope == "tokens":
                 seen.add(token)
             elif cfg.repetition_scope == "words" or token in word_forms.word_starts:
                 seen.update((token, word_forms.twin.get(token, token)))
 
+        first: set[int] = set()
         for i in recent:
             if int(i) not in image_ids.all:
-                remember(int(i))
+                remember(first, int(i))
+        seen = [set(first) for _ in range(n)]
         penalty = RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty) if cfg.repetition_penalty != 1.0 else None
         warpers = self._warpers(cfg)
         # Tokens are written into one preallocated cache in place: a token's cost does not grow with the story.
-        cache = KVWorkspace(kv, room=cfg.max_new_tokens + len(image_ids.block))
-        logprob = 0.0
+        cache = KVWorkspace(kv_repeat(kv, n), room=cfg.max_new_tokens + len(image_ids.block))
+        logits = logits.expand(n, -1)  # [n, V]
+        step = 0
         while True:
-            scores = logits[None].clone()  # [1, V]
-            if penalty is not None and seen:
-                scores = penalty(torch.tensor([sorted(seen)], device=logits.device), scores)
+            scores = logits.clone()
+            if penalty is not None:
+                for row in range(n):
+                    if seen[row]:
+                        scores[row : row + 1] = penalty(torch.tensor([sorted(seen[row])], device=logits.device),
+                                                        scores[row : row + 1])
             # Own masks: the minimum length bans the picture's start as well as EOS (transformers' processor knows
             # EOS alone), and the image tokens never appear inside a caption.
             scores[:, banned] = float("-inf")
-            if len(ids) < cfg.min_new_tokens:
+            if step < cfg.min_new_tokens:
                 scores[:, eos_id] = float("-inf")
                 scores[:, image_ids.boi] = float("-inf")
-            token = self._pick(scores, warpers, generator)
-            logprob += float(torch.log_softmax(scores[0].float(), dim=-1)[token])
-            if token == image_ids.boi:
-                return TextResult(ids, "image", cache.snapshot(), logits, logprob)
-            if token == eos_id:
-                return TextResult(ids, "eos", cache.snapshot(), logits, logprob)
-            ids.append(token)
-            remember(token)
-            logits, _, cache = self.prefill(torch.tensor([token]), kv=cache, start_pos=pos)
-            pos += 1
-            if len(ids) >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
-                return TextResult(ids, "length", cache.snapshot(), logits, logprob)
+            tokens = self._pick(scores, warpers, generator)
+            log_p = torch.log_softmax(scores.float(), dim=-1)
+            for row, token in enumerate(tokens):
+                if stops[row] is not None:
+                    continue
+                logprobs[row] += float(log_p[row, token])
+                if token in (image_ids.boi, eos_id):
+                    stops[row], last_logits[row] = ("image" if token == image_ids.boi else "eos"), logits[row]
+                    continue
+                ids[row].append(token)
+                remember(seen[row], token)
+            step += 1
+            running = [row for row in range(n) if stops[row] is None]
+            # A finished row is fed its last token again so the batch stays in step; what it adds is never read.
+            feed = [ids[row][-1] if ids[row] else eos_id for row in range(n)]
+            if running:
+                fed_logits, _ = self._next_logits(torch.tensor(feed)[:, None], cache, pos)
+                pos += 1
+                for row in running:
+                    if step >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
+                        stops[row], last_logits[row] = "length", fed_logits[row]
+                logits = fed_logits
+            if all(stop is not None for stop in stops):
+                break
+        base = kv_length(kv)
+        return [TextResult(ids[row], stops[row], kv_row(cache.snapshot(), row, base + len(ids[row])), last_logits[row],
+                           logprobs[row]) for row in range(n)]
+
+    def _next_logits(self, ids: torch.Tensor, cache: KVWorkspace, pos: int) -> tuple[torch.Tensor, KVWorkspace]:
+        """Feed one token per row (``ids`` [n, 1]) at position ``pos`` into ``cache`` in place: logits [n, V]."""
+        embeds = self.llm.get_input_embeddings()(ids.to(self.device))
+        hidden, cache = run_decoder(self.llm, embeds, cache, torch.tensor([[pos]], device=self.device))
+        return self.llm.get_output_embeddings()(hidden[:, -1]).float(), cache
 
     @torch.no_grad()
     def image_block(

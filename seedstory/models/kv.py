@@ -68,6 +68,20 @@ def kv_slice(kv: KV, start: int, end: int) -> KV:
     return tuple((k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in kv)
 
 
+def kv_repeat(kv: Optional[KV | KVParts], n: int) -> Optional[KV | KVParts]:
+    """The same cache as a batch of ``n`` rows (views, not copies: a ``KVWorkspace`` copies them in once)."""
+    if n == 1 or not kv:
+        return kv
+    if isinstance(kv, KVParts):
+        return KVParts(kv_repeat(piece, n) for piece in kv)
+    return tuple((k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:])) for k, v in kv)
+
+
+def kv_row(kv: KV, row: int, length: int) -> KV:
+    """Row ``row`` of a batched cache, its first ``length`` positions (views)."""
+    return tuple((k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in kv)
+
+
 def kv_select(kv: KV, index: torch.Tensor | list[int] | slice) -> KV:
     """Keep the given positions of every layer (used for windows and attention sinks)."""
     if isinstance(index, list):
