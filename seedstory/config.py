@@ -143,7 +143,8 @@ class GenerationSettings:
     no_repeat_captions: int = 0
     # When sampling, captions drawn per frame; the likeliest under the agent (its logits with the penalty, before
     # temperature and top-p) that does not repeat a recent one is kept: near-greedy captions that still move
-    # on, where greedy decoding would loop and one draw at a temperature is often impossible. 1 = off.
+    # on, where greedy decoding would loop and one draw at a temperature is often impossible. They are drawn as one
+    # batch: k times the text's cache memory while writing. 1 = off.
     caption_candidates: int = 1
     # Pictures painted per frame (seeds seed, seed+1, ...); the one the visual tokenizer reads back closest to
     # the features it was painted from is kept, as DALL-E reranked its samples with CLIP. 1 = off. They are
