@@ -389,16 +389,20 @@ class StoryEngine:
                 if not all(d[0] for d in drawn) or (should_stop is not None and should_stop()):
                     break
                 batch = 1
-            # the likeliest caption that repeats none (ties: the first drawn)
-            _, _, text, result = max(drawn, key=lambda d: (not d[0], d[1]))
+            # the likeliest caption that repeats none, a finished one before one cut at max_new_tokens (ties: the
+            # first drawn)
+            _, _, text, result = max(drawn, key=lambda d: (not d[0], d[3].stop != "length", d[1]))
             text_ids, kv = result.ids, result.kv
+            del drawn, result  # the other draws, and the batch's buffer once kv is sliced below
         else:
             text_ids = prompt.frame_ids(text, first=False)[: -len(prompt.image_ids.block)]
             _, _, cache = agent.prefill(torch.tensor(text_ids), kv=state.parts, start_pos=state.next_pos)
             kv = cache.snapshot()
         n = kv_length(state.parts)
         text_kv = kv_slice(kv, n, n + len(text_ids))  # valid context entries: the same ids after the same prefix
-        features, _, _ = agent.image_block(kv, prompt.image_ids, start_pos=state.next_pos + len(text_ids))
+        del kv
+        features, _, _ = agent.image_block(KVParts((*state.parts, text_kv)), prompt.image_ids,
+                                           start_pos=state.next_pos + len(text_ids))
         return Written(text, text_ids + prompt.image_ids.block, features.float().cpu(), text_kv)
 
     @staticmethod

@@ -267,26 +267,32 @@ def test_decode_text_scores_the_caption_it_draws(monkeypatch):
     assert drawn.logprob == pytest.approx(log_p(first, drawn.ids[0], start))
 
 
-def test_decode_texts_in_one_batch_is_each_caption_decoded_alone():
-    """n captions drawn as one batch: each row's ids, cache and score are what feeding its text alone gives."""
+def test_decode_texts_in_one_batch_is_each_caption_decoded_alone(monkeypatch):
+    """n captions drawn as one batch: each row's ids, cache and score are what feeding its text alone gives, also when
+    the rows stop at different lengths (a finished row is fed on, and what it adds is never read)."""
     agent, tok, pf = tiny_agent()
     ids = torch.tensor(pf.context_ids(["a cat"]))
     logits, _, kv = agent.prefill(ids, torch.randn(1, 16, 32), pf.image_slot_mask(ids))
     eos = tok.eos_token_id
+    bias = torch.zeros_like(logits)
+    bias[eos] = 7.0  # EOS about as likely as any other token: the rows stop at different lengths
+    step = agent._next_logits
+    monkeypatch.setattr(agent, "_next_logits", lambda ids, cache, pos: (lambda l, c: (l + bias, c))(*step(ids, cache, pos)))
     cfg = DecodingConfig(do_sample=True, temperature=1.5, max_new_tokens=6, repetition_penalty=1.3)
-    rows = agent.decode_texts(logits, kv, pf.image_ids, eos, cfg, 4, torch.Generator().manual_seed(3), recent=[40, 41])
-    assert len({tuple(r.ids) for r in rows}) > 1  # different draws
+    rows = agent.decode_texts(logits + bias, kv, pf.image_ids, eos, cfg, 6, torch.Generator().manual_seed(3),
+                              recent=[40, 41])
+    assert len({len(r.ids) for r in rows}) > 1 and {r.stop for r in rows} > {"length"}
     banned = sorted(pf.image_ids.all - {pf.image_ids.boi})
     for row in rows:
         assert 1 <= len(row.ids) <= 6 and row.stop in ("image", "eos", "length")
         assert (row.stop == "length") == (len(row.ids) == 6)
         # the cache: the context, then this row's text, as feeding it after the context gives
-        _, _, alone = agent.prefill(torch.tensor(row.ids), kv=kv) if row.ids else (None, None, kv)
+        _, _, alone = agent.prefill(torch.tensor(row.ids), kv=kv)
         assert kv_length(row.kv) == kv_length(kv) + len(row.ids)
         for (k, v), (k2, v2) in zip(row.kv, alone):
             assert torch.allclose(k, k2, atol=1e-5) and torch.allclose(v, v2, atol=1e-5)
         # the score: each token under the penalized, masked logits before it (the context's, then its own)
-        seen, total, step_logits = {40, 41}, 0.0, logits
+        seen, total, step_logits = {40, 41}, 0.0, logits + bias
         chosen = row.ids + ([] if row.stop == "length" else [pf.image_ids.boi if row.stop == "image" else eos])
         for i, token in enumerate(chosen):
             scores = step_logits.clone()
@@ -298,8 +304,10 @@ def test_decode_texts_in_one_batch_is_each_caption_decoded_alone():
             total += float(torch.log_softmax(scores, dim=-1)[token])
             seen.add(token)
             if i < len(row.ids):
-                step_logits, _, _ = agent.prefill(torch.tensor(row.ids[: i + 1]), kv=kv)
+                step_logits = agent.prefill(torch.tensor(row.ids[: i + 1]), kv=kv)[0] + bias
         assert row.logprob == pytest.approx(total, abs=1e-4)
+        # the logits after its last fed token
+        assert torch.allclose(row.next_logits, agent.prefill(torch.tensor(row.ids), kv=kv)[0] + bias, atol=1e-4)
     # greedy rows are the one greedy caption
     greedy = agent.decode_texts(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6), 3)
     assert [r.ids for r in greedy] == [agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6)).ids] * 3

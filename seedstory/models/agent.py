@@ -62,7 +62,8 @@ class TextResult:
     kv: KV
     next_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # [V] after the last fed token
     # log p(ids, stop) under the distribution the tokens were drawn from before temperature and top-p (the model's
-    # logits with the repetition penalty and the caption masks): what ranks captions drawn for one frame.
+    # logits with the repetition penalty and the caption masks): what ranks captions drawn for one frame. A caption
+    # cut at max_new_tokens ("length") has no stop term.
     logprob: float = 0.0
 
 
@@ -211,10 +212,22 @@ class SeedStoryAgent(nn.Module):
         probs = torch.softmax(warpers(_NO_IDS, scores), dim=-1)
         return torch.multinomial(probs.float().cpu(), 1, generator=generator)[:, 0].tolist()
 
-    def decode_text(self, logits: torch.Tensor, kv: KV, image_ids: ImageTokenIds, eos_id: int, cfg: DecodingConfig,
-                    generator: Optional[torch.Generator] = None, **kwargs) -> TextResult:
+    def decode_text(
+        self,
+        logits: torch.Tensor,
+        kv: KV,
+        image_ids: ImageTokenIds,
+        eos_id: int,
+        cfg: DecodingConfig,
+        generator: Optional[torch.Generator] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        start_pos: Optional[int] = None,
+        recent: Sequence[int] = (),
+        word_forms: Optional[WordForms] = None,
+    ) -> TextResult:
         """One caption: ``decode_texts`` with n = 1."""
-        return self.decode_texts(logits, kv, image_ids, eos_id, cfg, 1, generator, **kwargs)[0]
+        return self.decode_texts(logits, kv, image_ids, eos_id, cfg, 1, generator, should_stop=should_stop,
+                                 start_pos=start_pos, recent=recent, word_forms=word_forms)[0]
 
     @torch.no_grad()
     def decode_texts(
@@ -269,7 +282,7 @@ class SeedStoryAgent(nn.Module):
             scores = logits.clone()
             if penalty is not None:
                 for row in range(n):
-                    if seen[row]:
+                    if seen[row] and stops[row] is None:
                         scores[row : row + 1] = penalty(torch.tensor([sorted(seen[row])], device=logits.device),
                                                         scores[row : row + 1])
             # Own masks: the minimum length bans the picture's start as well as EOS (transformers' processor knows
@@ -279,11 +292,12 @@ class SeedStoryAgent(nn.Module):
                 scores[:, eos_id] = float("-inf")
                 scores[:, image_ids.boi] = float("-inf")
             tokens = self._pick(scores, warpers, generator)
-            log_p = torch.log_softmax(scores.float(), dim=-1)
+            picked = torch.tensor(tokens, device=scores.device)[:, None]
+            log_p = torch.log_softmax(scores.float(), dim=-1).gather(1, picked)[:, 0].tolist()  # one sync per step
             for row, token in enumerate(tokens):
                 if stops[row] is not None:
                     continue
-                logprobs[row] += float(log_p[row, token])
+                logprobs[row] += log_p[row]
                 if token in (image_ids.boi, eos_id):
                     stops[row], last_logits[row] = ("image" if token == image_ids.boi else "eos"), logits[row]
                     continue
@@ -296,8 +310,8 @@ class SeedStoryAgent(nn.Module):
             if running:
                 fed_logits, _ = self._next_logits(torch.tensor(feed)[:, None], cache, pos)
                 pos += 1
-                for row in running:
-                    if step >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
+                if step >= cfg.max_new_tokens or (should_stop is not None and should_stop()):
+                    for row in running:
                         stops[row], last_logits[row] = "length", fed_logits[row]
                 logits = fed_logits
             if all(stop is not None for stop in stops):
@@ -308,7 +322,7 @@ class SeedStoryAgent(nn.Module):
 
     def _next_logits(self, ids: torch.Tensor, cache: KVWorkspace, pos: int) -> tuple[torch.Tensor, KVWorkspace]:
         """Feed one token per row (``ids`` [n, 1]) at position ``pos`` into ``cache`` in place: logits [n, V]."""
-        embeds = self.llm.get_input_embeddings()(ids.to(self.device))
+        embeds = self.embed(ids.to(self.device))
         hidden, cache = run_decoder(self.llm, embeds, cache, torch.tensor([[pos]], device=self.device))
         return self.llm.get_output_embeddings()(hidden[:, -1]).float(), cache
 
