@@ -57,6 +57,9 @@ INSTEAD = {
         (None, "the Hub and 40 GB: test_download runs the same command against a local stand-in Hub"),
     "python bench/bench_decode.py": ("python bench/bench_decode.py --preset tiny --contexts 20,60 --tokens 4 --repeats 1",
                                      "the same measurement on the tiny preset"),
+    "python bench/bench_decode.py --preset demo --contexts 200 --candidates 16 --tokens 12":
+        ("python bench/bench_decode.py --preset tiny --contexts 20 --candidates 3 --tokens 4 --repeats 1",
+         "the same measurement on the tiny preset"),
     "python bench/bench_pipeline.py --preset bench-small --set generation.num_inference_steps=25":
         ("python bench/bench_pipeline.py --preset tiny --frames 2 --repeats 1", "minutes: two frames of the tiny preset"),
     "python bench/bench_fullsize.py --proxy": ("python bench/bench_fullsize.py --preset tiny --options bf16 --frames 2 "
