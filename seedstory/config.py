@@ -138,8 +138,9 @@ class GenerationSettings:
     # and `` Wex`` later are one word), "word_starts" (words, and never a word's inner pieces).
     repetition_scope: str = "tokens"
     # When sampling, a new caption that repeats (word for word) one of the last N captions on its path is
-    # drawn again (up to engine.CAPTION_RETRIES more times; when all repeat, the likeliest is kept); 0 = off. The token penalty above only sees the
-    # previous caption, so small models fall into two-frame loops (A, B, A, B, ...) without this.
+    # drawn again (up to engine.CAPTION_RETRIES more times; when all repeat, the likeliest is kept); 0 = off. The
+    # token penalty above only sees the previous caption, so small models fall into two-frame loops (A, B, A, B, ...)
+    # without this.
     no_repeat_captions: int = 0
     # When sampling, captions drawn per frame; the likeliest under the agent (its logits with the penalty, before
     # temperature and top-p) that does not repeat a recent one is kept: near-greedy captions that still move

@@ -277,7 +277,12 @@ def test_decode_texts_in_one_batch_is_each_caption_decoded_alone(monkeypatch):
     bias = torch.zeros_like(logits)
     bias[eos] = 7.0  # EOS about as likely as any other token: the rows stop at different lengths
     step = agent._next_logits
-    monkeypatch.setattr(agent, "_next_logits", lambda ids, cache, pos: (lambda l, c: (l + bias, c))(*step(ids, cache, pos)))
+
+    def biased_step(ids, cache, pos):
+        next_logits, cache = step(ids, cache, pos)
+        return next_logits + bias, cache
+
+    monkeypatch.setattr(agent, "_next_logits", biased_step)
     cfg = DecodingConfig(do_sample=True, temperature=1.5, max_new_tokens=6, repetition_penalty=1.3)
     rows = agent.decode_texts(logits + bias, kv, pf.image_ids, eos, cfg, 6, torch.Generator().manual_seed(3),
                               recent=[40, 41])
@@ -310,7 +315,8 @@ def test_decode_texts_in_one_batch_is_each_caption_decoded_alone(monkeypatch):
         assert torch.allclose(row.next_logits, agent.prefill(torch.tensor(row.ids), kv=kv)[0] + bias, atol=1e-4)
     # greedy rows are the one greedy caption
     greedy = agent.decode_texts(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6), 3)
-    assert [r.ids for r in greedy] == [agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6)).ids] * 3
+    one = agent.decode_text(logits, kv, pf.image_ids, eos, DecodingConfig(max_new_tokens=6))
+    assert [r.ids for r in greedy] == [one.ids] * 3
 
 
 def test_engine_keeps_the_likeliest_new_caption_of_its_candidates(tiny_pipeline, opening_image, monkeypatch):
@@ -333,7 +339,8 @@ def test_engine_keeps_the_likeliest_new_caption_of_its_candidates(tiny_pipeline,
 
     # a step's first draw reads as a copy of the opening caption: the likeliest, but a repeat
     monkeypatch.setattr(agent, "decode_texts", decode)
-    monkeypatch.setattr(engine, "display_text", lambda ids: "Pim is on the left." if ids is draws[0] else real_display(ids))
+    monkeypatch.setattr(engine, "display_text",
+                        lambda ids: "Pim is on the left." if ids is draws[0] else real_display(ids))
     scores[:] = [-1.0, -6.0, -2.0, -4.0]
     frame = engine.step(tree, opening.id, settings=base.replace(caption_candidates=4), seed=5)
     assert len(draws) == 4 and frame.text == real_display(draws[2])  # of the new ones, the likeliest

@@ -204,7 +204,9 @@ class SeedStoryAgent(nn.Module):
         return warpers
 
     @staticmethod
-    def _pick(scores: torch.Tensor, warpers: Optional[LogitsProcessorList], generator: Optional[torch.Generator]) -> list[int]:
+    def _pick(
+        scores: torch.Tensor, warpers: Optional[LogitsProcessorList], generator: Optional[torch.Generator]
+    ) -> list[int]:
         """The next id of each row of ``scores`` [n, V]: the argmax, or a draw from the warped distribution with our
         own ``generator`` (``generate`` would draw from torch's global one, so a frame's seed would not decide it)."""
         if warpers is None:
