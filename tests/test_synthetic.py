@@ -124,3 +124,52 @@ def test_caption_checker_catches_wrong_text():
     assert S.parse_caption(f"{present[0]} gives the apple to {present[0]}.") is None
     assert S.caption_entities("Pim met Bodo on the beach with a kite.") == {
         "characters": ["Pim", "Bodo"], "settings": ["beach"], "setting": "beach", "props": ["kite"]}
+
+
+def _world_after_opening(seed: int, index: int):
+    world = S._Story(S.story_rng(seed, index))
+    world.opening()
+    return world
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_following_a_true_storys_captions_gives_its_true_frames(seed):
+    for index in range(40):
+        story, world = S.generate_story(seed, index, 30), _world_after_opening(seed, index)
+        for caption, truth in zip(story["captions"][1:], story["truth"][1:]):
+            world, events = S.follow_caption(world, caption)
+            assert world.truth(events) == truth, caption
+
+
+def test_following_refuses_what_the_world_could_not_have_told_and_leaves_the_story_as_it_was():
+    world = _world_after_opening(7, 0)  # the meadow: Tansy on the left, Wex on the right with the bucket
+    assert (world.setting, world.chars) == ("meadow", {"Tansy": {"position": "left", "holding": None},
+                                                       "Wex": {"position": "right", "holding": "bucket"}})
+    before = world.truth([])
+    for caption in ("Tansy gives the bucket to Wex.",                   # Tansy does not hold it
+                    "Wex gives the bucket to Tansy. Tansy waves at Pim.",  # Pim is not there
+                    "Pim waves.",                                       # not there
+                    "Wex arrives on the left.",                         # already there
+                    "Pim arrives on the left.",                         # the spot is taken
+                    "Tansy picks up the bucket.",                       # Wex holds it
+                    "Tansy stands on the left.",                        # only openings say so
+                    "Tansy and Wex go to the meadow.",                  # already there
+                    "Tansy goes to the beach.",                         # Wex would stay behind
+                    "Tansy is very happy."):                            # not the world's language
+        assert S.follow_caption(world, caption) is None, caption
+    assert world.truth([]) == before
+    after, events = S.follow_caption(world, "Wex gives the bucket to Tansy. Wex jumps.")
+    assert after.chars["Tansy"]["holding"] == "bucket" and world.chars["Wex"]["holding"] == "bucket"
+    assert events == [{"type": "give", "character": "Wex", "to": "Tansy", "prop": "bucket"},
+                      {"type": "action", "character": "Wex", "action": "jumps"}]
+    assert after.truth(events)["characters"][1]["action"] == "jumps"
+
+
+def test_travel_somewhere_new_takes_its_ground_from_the_caption():
+    world = _world_after_opening(7, 0)
+    after, events = S.follow_caption(world, "Tansy and Wex go to the beach. A book lies on the right.")
+    assert after.setting == "beach" and after.here() == {"right": "book"} and "book" not in after.pool
+    assert events == [{"type": "travel", "setting": "beach", "characters": ["Tansy", "Wex"]}]
+    assert S.follow_caption(after, "Tansy and Wex go to the meadow.") is not None  # nothing lies there
+    assert S.follow_caption(after, "Tansy and Wex go to the meadow. A kite lies on the left.") is None
+    assert S.follow_caption(world, "Tansy and Wex go to the beach. There is a bucket on the left.") is None  # held

@@ -458,6 +458,95 @@ class _Story:
         }
 
 
+def _event_of(st: _Story, s: dict) -> Optional[tuple]:
+    """The world's event (as ``_Story.candidates`` writes it) that a parsed sentence tells, when the world could
+    have chosen it in ``st``; None otherwise (a sentence only openings and travel say, or an impossible one)."""
+    e, cs, p, pos = s["event"], s["characters"], s["prop"], s["position"]
+    c = cs[0] if cs else None
+    here, present = st.here(), st.chars
+    if e in ("arrive", "arrive_holding"):
+        if c not in st.away or pos not in st.free_slots():
+            return None
+        held = st.away[c]
+        if e == "arrive" and held is None:
+            return ("arrive", c, pos)
+        if e == "arrive_holding" and (held == p or (held is None and p in st.pool)):
+            return ("arrive", c, pos, p)
+        return None
+    if c not in present or any(n not in present for n in cs):
+        return None
+    holding = present[c]["holding"]
+    if e == "leave" and len(present) >= 2:
+        return ("leave", c)
+    if e == "leave_holding" and len(present) >= 2 and holding == p:
+        return ("leave", c)
+    if e == "move" and pos in st.free_slots():
+        return ("move", c, pos)
+    if e == "swap":
+        return ("swap", cs[0], cs[1])
+    if e == "pickup" and holding is None and here.get(present[c]["position"]) == p:
+        return ("pickup", c)
+    if e == "fetch" and holding is None and pos in st.free_slots() and here.get(pos) == p:
+        return ("fetch", c, pos)
+    if e == "drop" and holding == p and present[c]["position"] not in here:
+        return ("drop", c)
+    if e == "give" and holding == p and present[cs[1]]["holding"] is None:
+        return ("give", c, cs[1])
+    if e in ("waves", "jumps", "sleeps", "sings") or (e == "reads" and holding == "book"):
+        return ("act", c, e)
+    if e == "waves_at":
+        return ("act", c, "waves_at", cs[1])
+    return None
+
+
+def follow_caption(st: _Story, caption: str) -> Optional[tuple[_Story, list[dict]]]:
+    """The world's story after ``caption`` (a copy of ``st``) and its events, when every sentence of the caption
+    tells an event the world could have chosen in turn; None when one does not (the caption is impossible, or
+    says what only openings say). Travel to a place the story has not been takes its ground from the caption's
+    own "lies" sentences. This is how a model's own caption joins a true story (``training.corrected_stories``)."""
+    import copy
+
+    parsed = parse_caption(caption)
+    if parsed is None:
+        return None
+    st = copy.deepcopy(st)
+    st.actions = {}
+    events: list[dict] = []
+    sentences = parsed["sentences"]
+    if sentences[0]["event"] in ("travel", "travel_group"):
+        s = sentences[0]
+        dest, names = s["setting"], [n for n in CHARACTERS if n in st.chars]
+        if dest == st.setting or sorted(s["characters"]) != sorted(names) or len(sentences) > 1 + len(POSITIONS):
+            return None
+        lies = sentences[1:]
+        if any(x["event"] != "lies" for x in lies) or len({x["position"] for x in lies}) != len(lies):
+            return None
+        ground = {x["position"]: x["prop"] for x in lies}
+        if dest in st.visited:
+            if ground != st.ground[dest]:
+                return None
+        elif any(p not in st.pool for p in ground.values()) or len(set(ground.values())) != len(ground):
+            return None
+        else:
+            for p in ground.values():
+                st.pool.remove(p)
+            st.ground[dest] = ground
+            st.visited.add(dest)
+        st.setting = dest
+        return st, [{"type": "travel", "setting": dest, "characters": names}]
+    for s in sentences:
+        ev = _event_of(st, s)
+        if ev is None:
+            return None
+        if ev[0] == "arrive" and len(ev) == 4:  # arriving with a prop the story has not placed yet
+            if st.away[ev[1]] is None:
+                st.pool.remove(ev[3])
+                st.away[ev[1]] = ev[3]
+            ev = ev[:3]
+        events.append(st.apply(ev)[1])
+    return st, events
+
+
 def story_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"seedstory-synthetic:{seed}:{index}")
 
