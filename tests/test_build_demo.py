@@ -96,6 +96,7 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     for stage, *_ in build_demo.STAGES:
         quick += [f"{stage}.train.max_steps=1", f"{stage}.train.batch_size=2", f"{stage}.data.num_workers=0",
                   f"{stage}.log_with=[]"]
+    quick += ["stage2c.corrected.stories=2", "stage2c.corrected.frames=3", "stage2c.corrected.workers=1"]
     args = ["--data", str(tmp_path / "world"), "--stories", "3", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "model"), "--set", *quick]
     (tmp_path / "model").mkdir()
@@ -107,11 +108,20 @@ def test_build_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert {"data", "tokenizer", "total"} | {s for s, *_ in build_demo.STAGES} <= set(timings)
     for stage, *_ in build_demo.STAGES:
         assert (tmp_path / "work" / stage / "final" / "seedstory.json").is_file()
-    # Stage 2 joins stage 2t's agent with stage 0b's visual tokenizer, stage 3 stage 2's agent with stage 1's
-    # de-tokenizer.
+    # Stage 2 joins stage 2t's agent with stage 0b's visual tokenizer; stage 2c goes on from stage 2 on its own
+    # corrected stories mixed with the true ones; stage 3 joins stage 2c's agent with stage 1's de-tokenizer.
     printed = capsys.readouterr().out
     assert "model.agent_from=" + str(tmp_path / "work" / "stage2t" / "final") in printed
     assert "model.detokenizer_from=" + str(tmp_path / "work" / "stage1" / "final") in printed
+    assert "model.pretrained=" + str(tmp_path / "work" / "stage2c" / "final") in printed
+    corrected = [json.loads(line) for line in open(tmp_path / "work" / "stage2c" / "corrected.jsonl")]
+    true = [json.loads(line) for line in open(tmp_path / "world" / "train.jsonl")]
+    assert [r["id"] for r in corrected] == ["corrected_" + r["id"] for r in true[:2]]
+    assert all(len(r["captions"]) == 3 and r["captions"][0] == t["captions"][0] for r, t in zip(corrected, true))
+    for r in corrected:
+        assert all((tmp_path / "world" / "images" / rel).is_file() for rel in r["images"])
+    mixed = [json.loads(line)["id"] for line in open(tmp_path / "work" / "stage2c" / "train_mix.jsonl")]
+    assert sorted(mixed) == sorted([r["id"] for r in corrected] + [r["id"] for r in true])
 
     files = glob.glob(os.path.join(out, "**", "*.safetensors"), recursive=True)
     assert {os.path.relpath(f, out).split(os.sep)[0] for f in files} == {"agent", "detokenizer", "visual_tokenizer",

@@ -23,7 +23,7 @@ INSTEAD = {
     "pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu && pip install -r "
     "requirements-dev.txt && pytest": (None, "this very test run"),
     "python -m training.build_demo": ("python -m training.build_demo --help",
-                                      "115 min; test_build_demo builds a small model through the same command"),
+                                      "about 2 h; test_build_demo builds a small model through the same command"),
     "python -m seedstory.data.synthetic --out data/world --stories 2000 --frames 30 --size 128 --seed 0":
         (SMALL_DATA, "12 stories of 6 frames: the commands below read them"),
     "python -m seedstory.data validate story.jsonl --images ROOT [--no-images] [--json]":

@@ -6,8 +6,9 @@
 
 Stages that do not wait for each other run at the same time (``--jobs``, 2 by default): stage 2t (the
 agent's text) beside stages 0 and 0b (the pictures' VAE and visual tokenizer), then stage 1 (the
-de-tokenizer) beside stage 2 (the agent). Their output then goes to
-``<work>/<stage>.log`` and the build prints each one's progress every minute.
+de-tokenizer) beside stage 2 (the agent), then stage 2c (the agent again, on its own stories corrected by the
+world's rules) and stage 3. Stages side by side write their output to
+``<work>/<stage>.log``, and the build prints each one's progress every minute.
 Every step is skipped when its output exists and resumed from its latest checkpoint when it was
 interrupted, so re-running the command after a crash (or ``kill -9``) continues the build. The configs
 are the committed ``configs/train/demo/*.yaml``; ``--set stage1.train.max_steps=100`` style overrides
@@ -34,8 +35,8 @@ from seedstory.config import REPO_ROOT, resolve_path
 # exports lend it a component). Stage 2t teaches the agent's LLM the stories' text alone (the release starts
 # from an LLM that knows its language): it needs no picture, so it starts from the random init and runs beside
 # stages 0 and 0b. Stage 2 then trains stage 2t's agent on stage 0b's visual tokenizer's features; neither
-# touches the de-tokenizer, so they do not wait for stage 1 (they run beside it); stage 3 joins stage 2's agent
-# with stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
+# touches the de-tokenizer, so they do not wait for stage 1 (they run beside it). Stage 2c goes on training stage
+# 2's agent on its own stories, corrected by the world's rules; stage 3 joins that agent with stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
 # tokenizer: loading a saved model draws other random numbers than making one, so its read-out head would
 # start elsewhere.
 STAGES = [
@@ -44,7 +45,8 @@ STAGES = [
     ("stage0v", "training.stage0_vit", "stage0", {}),
     ("stage1", "training.stage1_detokenizer", "stage0v", {}),
     ("stage2", "training.stage2_agent", "stage0v", {"agent": "stage2t"}),
-    ("stage3", "training.stage3_adapt", "stage2", {"detokenizer": "stage1"}),
+    ("stage2c", "training.stage2c_corrected", "stage2", {}),
+    ("stage3", "training.stage3_adapt", "stage2c", {"detokenizer": "stage1"}),
 ]
 CONFIG_DIR = "configs/train/demo"
 

@@ -1,6 +1,6 @@
 """Corrected stories: the agent's own stories, kept to the world's rules (DAgger-style data for stage 2).
 
-    python -m training.corrected_stories --preset demo --out data/world/corrected.jsonl --stories 200 [--start 0]
+    python -m training.corrected_stories --preset demo --out data/world/corrected.jsonl --stories 400 --workers 2
 
 From each training story's opening the agent writes the next caption as the story engine does (the preset's
 decoding, window and caption candidates), reading the true pictures of the story so far. A caption the world
@@ -12,7 +12,8 @@ states its own stories reach, which the true stories rarely visit.
 
 Each story is one line of ``--out`` (the dataset's format, plus ``written``: who wrote each frame, "agent" or
 "world", and ``proposed``: the agent's caption where the world's replaced it), written once its pictures are
-saved under ``--image-root``; a rerun skips the stories already there, so an interrupted run continues. Two runs with other ``--start`` values and ``--out`` files can share the cores.
+saved under ``--image-root``; a rerun skips the stories already there, so an interrupted run continues.
+``--workers`` processes share the stories, each with its own engine and core.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import re
 import time
 
+from seedstory.atomic import write_text
 from seedstory.config import resolve_path
 from seedstory.data import synthetic as S
 from seedstory.data.story_state import StoryState
@@ -91,9 +93,67 @@ def _done(path: str) -> set[str]:
     return {r["id"] for r in kept}
 
 
+def _grow(job: tuple) -> None:
+    """One worker: the stories ``records`` not yet in ``part``, appended to it one by one."""
+    preset, overrides, records, part, seed, frames, size, image_root, prefix = job
+    import torch
+
+    from seedstory.engine import StoryEngine
+    from seedstory.pipeline import SeedStoryPipeline
+
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    torch.manual_seed(seed)
+    done = _done(part)
+    todo = [(i, r) for i, r in records if f"{prefix}{r['id']}" not in done]
+    if not todo:
+        return
+    engine = StoryEngine(SeedStoryPipeline.from_preset(preset, overrides))
+    t0 = time.perf_counter()
+    for n, (i, record) in enumerate(todo, start=1):
+        story = corrected_story(engine, record, seed + 1000 * i, frames, size, image_root, prefix)
+        with open(part, "a") as f:
+            f.write(json.dumps(story) + "\n")
+        print(f"{os.path.basename(part)}: {n}/{len(todo)} {story['id']}: {story['written'].count('agent')} of "
+              f"{frames - 1} captions the agent's ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def write_corrected(preset: str, out: str, data: str, image_root: str, stories: int, overrides=(), start: int = 0,
+                    frames: int = 30, size: int = 128, seed: int = 0, prefix: str = "corrected_",
+                    workers: int = 1) -> dict:
+    """Grow ``stories`` corrected stories from the openings of ``data`` (from its ``start``-th story) into ``out``,
+    with ``workers`` processes (each its own engine and core). Resumable. Returns who wrote the captions."""
+    with open(data) as f:
+        records = [(i, json.loads(line)) for i, line in enumerate(f) if start <= i < start + stories]
+    workers = max(1, min(int(workers), len(records)))
+    parts = [f"{out}.part{w}" for w in range(workers)]
+    jobs = [(preset, list(overrides), records[w::workers], parts[w], seed, frames, size, image_root, prefix)
+            for w in range(workers)]
+    if not os.path.exists(out):
+        if workers == 1:
+            _grow(jobs[0])
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:  # (a forked torch can hang in its thread pool)
+                pool.map(_grow, jobs)
+        grown = {}
+        for part in parts:
+            with open(part) as f:
+                grown.update((r["id"], r) for r in map(json.loads, f))
+        order = [f"{prefix}{r['id']}" for _, r in records]
+        write_text(out, "".join(json.dumps(grown[sid]) + "\n" for sid in order))
+        for part in parts:
+            os.remove(part)
+    with open(out) as f:
+        written = [w for line in f for w in json.loads(line)["written"][1:]]
+    agent, world = written.count("agent"), written.count("world")
+    return {"stories": len(records), "agent": agent, "world": world,
+            "agent_share": agent / len(written) if written else None}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="demo", help="the model that writes (a preset name or model folder)")
+    p.add_argument("--preset", default="demo", help="the model that writes and its decoding (a preset or folder)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="preset override key=value")
     p.add_argument("--data", default="data/world/train.jsonl", help="the true stories whose openings are used")
     p.add_argument("--image-root", default="data/world/images")
@@ -103,36 +163,14 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes, one core each")
     p.add_argument("--prefix", default="corrected_", help="put before each story's id (its image folder, too)")
     args = p.parse_args(argv)
-
-    import torch
-
-    from seedstory.engine import StoryEngine
-    from seedstory.pipeline import SeedStoryPipeline
-
-    torch.manual_seed(args.seed)
-    engine = StoryEngine(SeedStoryPipeline.from_preset(args.preset, args.overrides))
-    out, image_root = resolve_path(args.out), resolve_path(args.image_root)
-    done = _done(out)
-    with open(resolve_path(args.data)) as f:
-        records = [json.loads(line) for line in f][args.start:args.start + args.stories]
-    counts = {"agent": 0, "world": 0}
     t0 = time.perf_counter()
-    for i, record in enumerate(records):
-        if f"{args.prefix}{record['id']}" in done:
-            continue
-        story = corrected_story(engine, record, args.seed + 1000 * (args.start + i), args.frames, args.size,
-                                image_root, args.prefix)
-        with open(out, "a") as f:
-            f.write(json.dumps(story) + "\n")
-        for who in story["written"][1:]:
-            counts[who] += 1
-        print(f"{i + 1}/{len(records)} {story['id']}: {story['written'].count('agent')} of {args.frames - 1} "
-              f"captions the agent's ({time.perf_counter() - t0:.0f} s)", flush=True)
-    total = counts["agent"] + counts["world"]
-    result = {**counts, "agent_share": counts["agent"] / total if total else None,
-              "seconds": time.perf_counter() - t0}
+    result = write_corrected(args.preset, resolve_path(args.out), resolve_path(args.data),
+                             resolve_path(args.image_root), args.stories, args.overrides, args.start, args.frames,
+                             args.size, args.seed, args.prefix, args.workers)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     return result
 
