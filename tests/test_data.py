@@ -227,6 +227,30 @@ def test_text_only_samples_read_no_picture_and_keep_the_layout(dataset_files, wo
         StorySampleDataset(*dataset_files, pf, ImageProcessor(14), text_only=True, target_image_resolution=16)
 
 
+def test_captions_the_agent_wrote_itself_are_read_but_not_learned(dataset_files, word_tokenizer):
+    """A corrected story's ``written`` marks the agent's own captions: with ``learn_own_captions=False`` they stay in
+    the context, but only the world's captions (and the story's end) carry the LM loss."""
+    pf = PromptFormat(word_tokenizer, 4)
+    boi = word_tokenizer.convert_tokens_to_ids("<img>")
+    path, root = dataset_files
+    record = json.loads(open(path).readline())
+    record["written"] = ["opening", "agent", "world", "agent"]
+    ds = {own: StorySampleDataset(path, root, pf, ImageProcessor(14), max_length=200, label_context=True,
+                                  learn_own_captions=own) for own in (True, False)}
+    every, the_worlds = (ds[own].build(record, 3, 2) for own in (True, False))
+    assert torch.equal(every["input_ids"], the_worlds["input_ids"])
+    x = every["input_ids"].tolist()
+    ends = [i for i, t in enumerate(x) if t == boi]  # each caption ends with its <img>
+    spans = [range(ends[k - 1] + 6, ends[k] + 1) for k in (1, 2, 3)]  # after the picture before it, to its <img>
+    learned = {own: {i for i, v in enumerate(s["labels"].tolist()) if v != IGNORE_INDEX}
+               for own, s in ((True, every), (False, the_worlds))}
+    assert all(set(span) <= learned[True] for span in spans)
+    assert learned[False] == set(spans[1]) | {len(x) - 1}  # the world's caption and the story's end (EOS)
+    plain = dict(record)
+    del plain["written"]  # a true story is learned whole either way
+    assert torch.equal(ds[False].build(plain, 3, 2)["labels"], every["labels"])
+
+
 def test_opening_share_starts_windows_at_the_story_opening(dataset_files, word_tokenizer):
     pf = PromptFormat(word_tokenizer, 4)
     opening = word_tokenizer.encode("a cat", add_special_tokens=False)

@@ -60,6 +60,7 @@ def build_data(cfg, pipe, accelerator, target_image_resolution=None):
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         target_image_resolution=target_image_resolution, label_context=bool(d.get("label_context", False)),
         text_only=bool(d.get("text_only", False)), opening_share=float(d.get("opening_share", 0.0)),
+        learn_own_captions=bool(d.get("learn_own_captions", True)),
         possible_next=PossibleNext(pipe.tokenizer, pipe.prompt.image_ids.boi)
         if float(cfg.train.get("possible_loss_scale") or 0) > 0 else None,
     )

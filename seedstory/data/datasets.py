@@ -138,8 +138,12 @@ class StorySampleDataset(_JsonlStream):
                  max_length: int = 1280, max_frames: Optional[int] = None, min_given: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
                  target_image_resolution: Optional[int] = None, label_context: bool = False,
-                 text_only: bool = False, opening_share: float = 0.0, possible_next=None):
+                 text_only: bool = False, opening_share: float = 0.0, possible_next=None,
+                 learn_own_captions: bool = True):
         super().__init__(jsonl, image_root, seed, shuffle_buffer, rank, world_size)
+        # False: a caption the agent wrote itself (``written`` of a corrected story says "agent") is read, not
+        # learned: the agent is taught the world's captions in the states its stories reach, not its own habits.
+        self.learn_own_captions = bool(learn_own_captions)
         self.possible_next = possible_next  # a PossibleNext: each sample also gets its captions' possible tokens
         self._possible_cache: dict = {}
         if not 0.0 <= float(opening_share) <= 1.0:
@@ -193,6 +197,8 @@ class StorySampleDataset(_JsonlStream):
             self.skipped["too long"] += 1
             return None
         out = encoded.as_dict()
+        if not self.learn_own_captions and rec.get("written"):
+            self.unlabel_own(out, rec["written"][first: target + 1])
         if self.possible_next is not None:
             out["possible_ids"] = self.possible_ids(rec, first, out["input_ids"], out["labels"])
         if self.text_only:
@@ -204,6 +210,16 @@ class StorySampleDataset(_JsonlStream):
         if self.target_image_resolution:
             out["sd_pixel_values"], out["time_ids"] = sdxl_resize_crop(pictures[-1], int(self.target_image_resolution))
         return out
+
+    def unlabel_own(self, sample: dict, written: Sequence[str]) -> None:
+        """No LM loss on the window's captions that ``written`` marks as the agent's: each caption is the tokens
+        after the previous picture's </img> up to and including its <img>."""
+        ids, labels = sample["input_ids"], sample["labels"]
+        boi = (ids == self.prompt.image_ids.boi).nonzero().flatten().tolist()
+        eoi = (ids == self.prompt.image_ids.eoi).nonzero().flatten().tolist()
+        for i, b in enumerate(boi):
+            if i and i < len(written) and written[i] == "agent":
+                labels[eoi[i - 1] + 1: b + 1] = IGNORE_INDEX
 
     def possible_ids(self, rec: dict, first: int, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[L, K] token ids possible at each labelled caption token and caption end (-1: none given), from
