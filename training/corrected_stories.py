@@ -26,7 +26,6 @@ import time
 from seedstory.atomic import write_text
 from seedstory.config import resolve_path
 from seedstory.data import synthetic as S
-from seedstory.data.story_state import StoryState
 
 ID_RE = re.compile(r"s(\d+)_(\d+)")
 
@@ -63,7 +62,6 @@ def corrected_story(engine, record: dict, seed: int, frames: int, size: int, ima
             world, events = followed
             caption, who, proposed = " ".join(text.split()), "agent", None
         else:
-            world.actions = {}
             sentences, events = world.step(allow_travel=f >= 2)
             caption, who, proposed = " ".join(sentences), "world", text
         truth = world.truth(events)
