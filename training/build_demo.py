@@ -36,9 +36,9 @@ from seedstory.config import REPO_ROOT, resolve_path
 # from an LLM that knows its language): it needs no picture, so it starts from the random init and runs beside
 # stages 0 and 0b. Stage 2 then trains stage 2t's agent on stage 0b's visual tokenizer's features; neither
 # touches the de-tokenizer, so they do not wait for stage 1 (they run beside it). Stage 2c goes on training stage
-# 2's agent on its own stories, corrected by the world's rules; stage 3 joins that agent with stage 1's de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual
-# tokenizer: loading a saved model draws other random numbers than making one, so its read-out head would
-# start elsewhere.
+# 2's agent on its own stories, corrected by the world's rules; stage 3 joins that agent with stage 1's
+# de-tokenizer. Stage 0b starts from stage 0's export although it trains only the visual tokenizer: loading a
+# saved model draws other random numbers than making one, so its read-out head would start elsewhere.
 STAGES = [
     ("stage0", "training.stage0_vae", None, {}),
     ("stage2t", "training.stage2_agent", None, {}),
