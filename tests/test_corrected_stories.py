@@ -53,7 +53,8 @@ def test_the_agents_possible_captions_stay_and_the_others_are_the_worlds(tmp_pat
         assert state.read(caption) == []
     for rel, truth, (given, text), caption in zip(story["images"], story["truth"], engine.given, story["captions"]):
         drawn = np.asarray(S.render_frame(truth, 64))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / rel)), drawn) and np.array_equal(np.asarray(given), drawn)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / rel)), drawn)
+        assert np.array_equal(np.asarray(given), drawn)
         assert text == caption
 
 
