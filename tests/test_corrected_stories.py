@@ -68,3 +68,30 @@ def test_an_interrupted_run_keeps_its_whole_stories_and_mixing_keeps_every_story
     assert mix(str(tmp_path / "mixed"), [str(part), str(other)], seed=0) == 4
     mixed = [json.loads(line)["id"] for line in open(tmp_path / "mixed")]
     assert sorted(mixed) == ["a", "b", "x", "y"]
+
+
+def test_a_resumed_run_grows_only_the_missing_stories_whatever_the_workers_before(tmp_path, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"s0_{i:06d}"}) + "\n" for i in range(5)))
+    out = tmp_path / "corrected.jsonl"
+
+    def story(i):
+        return {"id": f"c_s0_{i:06d}", "written": ["opening", "agent", "world"]}
+
+    # an earlier run with three workers grew stories 3 and 1, the last line torn off
+    (tmp_path / "corrected.jsonl.part2").write_text(json.dumps(story(3)) + "\n")
+    (tmp_path / "corrected.jsonl.part0").write_text(json.dumps(story(1)) + "\n" + json.dumps(story(0))[:-1])
+    asked = []
+
+    def grow(job):
+        records, part = job[2], job[3]
+        asked.extend(r["id"] for _, r in records)
+        with open(part, "a") as f:
+            f.writelines(json.dumps(story(int(r["id"][3:]))) + "\n" for _, r in records)
+
+    monkeypatch.setattr(C, "_grow", grow)
+    result = C.write_corrected("demo", str(out), str(data), str(tmp_path), 5, prefix="c_", workers=1)
+    assert asked == ["s0_000000", "s0_000002", "s0_000004"]
+    assert [json.loads(line)["id"] for line in open(out)] == [story(i)["id"] for i in range(5)]
+    assert not list(tmp_path.glob("corrected.jsonl.part*"))
+    assert result == {"stories": 5, "agent": 5, "world": 5, "agent_share": 0.5}

@@ -18,6 +18,7 @@ saved under ``--image-root``; a rerun skips the stories already there, so an int
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -57,7 +58,7 @@ def corrected_story(engine, record: dict, seed: int, frames: int, size: int, ima
     tree = engine.start(picture, opening)
     for f in range(1, frames):
         text = engine.draft_text(tree, tree.current, seed=seed + f)
-        followed = S.follow_caption(world, text)
+        followed = S.follow_caption(world, text, allow_travel=f >= 2)
         if followed is not None:
             world, events = followed
             caption, who, proposed = " ".join(text.split()), "agent", None
@@ -85,7 +86,7 @@ def _done(path: str) -> set[str]:
             kept.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    if len(kept) != len(lines):
+    if len(kept) != len(lines) or (lines and not lines[-1].endswith("\n")):
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
     return {r["id"] for r in kept}
@@ -122,9 +123,14 @@ def write_corrected(preset: str, out: str, data: str, image_root: str, stories: 
     with ``workers`` processes (each its own engine and core). Resumable. Returns who wrote the captions."""
     with open(data) as f:
         records = [(i, json.loads(line)) for i, line in enumerate(f) if start <= i < start + stories]
+    if not records:
+        raise ValueError(f"no story of {data} from its {start}-th on")
     workers = max(1, min(int(workers), len(records)))
+    # Stories already grown in any part file (an interrupted run, perhaps with another number of workers) stay.
+    done = set().union(*(_done(part) for part in glob.glob(f"{out}.part*")))
+    todo = [(i, r) for i, r in records if f"{prefix}{r['id']}" not in done]
     parts = [f"{out}.part{w}" for w in range(workers)]
-    jobs = [(preset, list(overrides), records[w::workers], parts[w], seed, frames, size, image_root, prefix)
+    jobs = [(preset, list(overrides), todo[w::workers], parts[w], seed, frames, size, image_root, prefix)
             for w in range(workers)]
     if not os.path.exists(out):
         if workers == 1:
@@ -135,12 +141,13 @@ def write_corrected(preset: str, out: str, data: str, image_root: str, stories: 
             with mp.get_context("spawn").Pool(workers) as pool:  # (a forked torch can hang in its thread pool)
                 pool.map(_grow, jobs)
         grown = {}
-        for part in parts:
+        every_part = glob.glob(f"{out}.part*")
+        for part in every_part:
             with open(part) as f:
                 grown.update((r["id"], r) for r in map(json.loads, f))
         order = [f"{prefix}{r['id']}" for _, r in records]
         write_text(out, "".join(json.dumps(grown[sid]) + "\n" for sid in order))
-        for part in parts:
+        for part in every_part:
             os.remove(part)
     with open(out) as f:
         written = [w for line in f for w in json.loads(line)["written"][1:]]

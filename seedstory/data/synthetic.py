@@ -470,8 +470,8 @@ def _event_of(st: _Story, s: dict) -> Optional[tuple]:
         held = st.away[c]
         if e == "arrive" and held is None:
             return ("arrive", c, pos)
-        if e == "arrive_holding" and (held == p or (held is None and p in st.pool)):
-            return ("arrive", c, pos, p)
+        if e == "arrive_holding" and held == p:
+            return ("arrive", c, pos)
         return None
     if c not in present or any(n not in present for n in cs):
         return None
@@ -499,11 +499,13 @@ def _event_of(st: _Story, s: dict) -> Optional[tuple]:
     return None
 
 
-def follow_caption(st: _Story, caption: str) -> Optional[tuple[_Story, list[dict]]]:
-    """The world's story after ``caption`` (a copy of ``st``) and its events, when every sentence of the caption
-    tells an event the world could have chosen in turn; None when one does not (the caption is impossible, or
-    says what only openings say). Travel to a place the story has not been takes its ground from the caption's
-    own "lies" sentences. This is how a model's own caption joins a true story (``training.corrected_stories``)."""
+def follow_caption(st: _Story, caption: str, allow_travel: bool = True) -> Optional[tuple[_Story, list[dict]]]:
+    """The world's story after ``caption`` (a copy of ``st``) and its events, when the world could have told the
+    caption as ``_Story.step`` tells a frame: one event, or two where the second touches none of the first's
+    characters and props (nor arrives, moves or fetches where the first happened), or travel (``allow_travel``:
+    not on the first frame) with what lies in a place the story has not been yet. None otherwise (the caption is
+    impossible, or says what only openings say). This is how a model's own caption joins a true story
+    (``training.corrected_stories``)."""
     import copy
 
     parsed = parse_caption(caption)
@@ -511,12 +513,11 @@ def follow_caption(st: _Story, caption: str) -> Optional[tuple[_Story, list[dict
         return None
     st = copy.deepcopy(st)
     st.actions = {}
-    events: list[dict] = []
     sentences = parsed["sentences"]
     if sentences[0]["event"] in ("travel", "travel_group"):
         s = sentences[0]
         dest, names = s["setting"], [n for n in CHARACTERS if n in st.chars]
-        if dest == st.setting or sorted(s["characters"]) != sorted(names) or len(sentences) > 1 + len(POSITIONS):
+        if not allow_travel or dest == st.setting or sorted(s["characters"]) != sorted(names):
             return None
         lies = sentences[1:]
         if any(x["event"] != "lies" for x in lies) or len({x["position"] for x in lies}) != len(lies):
@@ -534,16 +535,28 @@ def follow_caption(st: _Story, caption: str) -> Optional[tuple[_Story, list[dict
             st.visited.add(dest)
         st.setting = dest
         return st, [{"type": "travel", "setting": dest, "characters": names}]
-    for s in sentences:
-        ev = _event_of(st, s)
-        if ev is None:
+    if len(sentences) > 2:
+        return None
+    first = _event_of(st, sentences[0])
+    if first is None:
+        return None
+    _, event, busy_chars, busy_props = st.apply(first)
+    events = [event]
+    if len(sentences) == 2:
+        touched = {event.get("position")} | {st.chars[n]["position"] for n in busy_chars if n in st.chars}
+        second = _event_of(st, sentences[1])
+        if second is None or second[0] == "travel":
             return None
-        if ev[0] == "arrive" and len(ev) == 4:  # arriving with a prop the story has not placed yet
-            if st.away[ev[1]] is None:
-                st.pool.remove(ev[3])
-                st.away[ev[1]] = ev[3]
-            ev = ev[:3]
-        events.append(st.apply(ev)[1])
+        chars = {x for x in second[1:] if x in CHARACTERS}
+        prop = (st.chars[second[1]]["holding"] if second[0] in ("leave", "drop", "give") and second[1] in st.chars
+                else st.here().get(st.chars[second[1]]["position"]) if second[0] == "pickup"
+                else st.here().get(second[2]) if second[0] == "fetch"
+                else st.away.get(second[1]) if second[0] == "arrive"
+                else "book" if second[0] == "act" and second[2] == "reads" else None)
+        if chars & busy_chars or (prop is not None and prop in busy_props) or (
+                second[0] in ("arrive", "move", "fetch") and second[-1] in touched):
+            return None
+        events.append(st.apply(second)[1])
     return st, events
 
 
