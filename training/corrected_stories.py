@@ -93,7 +93,7 @@ def _done(path: str) -> set[str]:
 
 
 def _grow(job: tuple) -> None:
-    """One worker: the stories ``records`` not yet in ``part``, appended to it one by one."""
+    """One worker: the stories ``records``, appended to ``part`` one by one."""
     preset, overrides, records, part, seed, frames, size, image_root, prefix = job
     import torch
 
@@ -102,17 +102,15 @@ def _grow(job: tuple) -> None:
 
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     torch.manual_seed(seed)
-    done = _done(part)
-    todo = [(i, r) for i, r in records if f"{prefix}{r['id']}" not in done]
-    if not todo:
+    if not records:
         return
     engine = StoryEngine(SeedStoryPipeline.from_preset(preset, overrides))
     t0 = time.perf_counter()
-    for n, (i, record) in enumerate(todo, start=1):
+    for n, (i, record) in enumerate(records, start=1):
         story = corrected_story(engine, record, seed + 1000 * i, frames, size, image_root, prefix)
         with open(part, "a") as f:
             f.write(json.dumps(story) + "\n")
-        print(f"{os.path.basename(part)}: {n}/{len(todo)} {story['id']}: {story['written'].count('agent')} of "
+        print(f"{os.path.basename(part)}: {n}/{len(records)} {story['id']}: {story['written'].count('agent')} of "
               f"{frames - 1} captions the agent's ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
@@ -125,14 +123,14 @@ def write_corrected(preset: str, out: str, data: str, image_root: str, stories: 
         records = [(i, json.loads(line)) for i, line in enumerate(f) if start <= i < start + stories]
     if not records:
         raise ValueError(f"no story of {data} from its {start}-th on")
-    workers = max(1, min(int(workers), len(records)))
-    # Stories already grown in any part file (an interrupted run, perhaps with another number of workers) stay.
-    done = set().union(*(_done(part) for part in glob.glob(f"{out}.part*")))
-    todo = [(i, r) for i, r in records if f"{prefix}{r['id']}" not in done]
-    parts = [f"{out}.part{w}" for w in range(workers)]
-    jobs = [(preset, list(overrides), todo[w::workers], parts[w], seed, frames, size, image_root, prefix)
-            for w in range(workers)]
+    t0 = time.perf_counter()
     if not os.path.exists(out):
+        workers = max(1, min(int(workers), len(records)))
+        # Stories already grown in any part file (an interrupted run, perhaps with other workers) stay.
+        done = set().union(*(_done(part) for part in glob.glob(f"{out}.part*")))
+        todo = [(i, r) for i, r in records if f"{prefix}{r['id']}" not in done]
+        jobs = [(preset, list(overrides), todo[w::workers], f"{out}.part{w}", seed, frames, size, image_root, prefix)
+                for w in range(workers)]
         if workers == 1:
             _grow(jobs[0])
         else:
@@ -153,7 +151,7 @@ def write_corrected(preset: str, out: str, data: str, image_root: str, stories: 
         written = [w for line in f for w in json.loads(line)["written"][1:]]
     agent, world = written.count("agent"), written.count("world")
     return {"stories": len(records), "agent": agent, "world": world,
-            "agent_share": agent / len(written) if written else None}
+            "agent_share": agent / len(written) if written else None, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> dict:
@@ -171,11 +169,9 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=1, help="processes, one core each")
     p.add_argument("--prefix", default="corrected_", help="put before each story's id (its image folder, too)")
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
     result = write_corrected(args.preset, resolve_path(args.out), resolve_path(args.data),
                              resolve_path(args.image_root), args.stories, args.overrides, args.start, args.frames,
                              args.size, args.seed, args.prefix, args.workers)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     return result
 

@@ -45,14 +45,12 @@ def main(argv=None) -> str:
     if int(os.environ.get("RANK", "0")) == 0:
         if not os.path.exists(mixed):
             os.makedirs(out_dir, exist_ok=True)
-            t0 = time.perf_counter()
             result = write_corrected(
                 c.get("preset", "demo"), corrected, resolve_path(cfg.data.train_jsonl),
                 resolve_path(cfg.data.image_root), int(c.stories),
                 [f"path={resolve_path(cfg.model.pretrained)}", *list(c.get("set", []) or [])],
                 frames=int(c.get("frames", 30)), size=int(c.get("size", 128)), seed=int(cfg.train.get("seed", 0)),
                 workers=int(c.get("workers", 1)))
-            result["seconds"] = round(time.perf_counter() - t0, 1)
             print(f"corrected stories: {json.dumps(result)}", flush=True)
             mix(mixed, [resolve_path(cfg.data.train_jsonl), corrected], int(cfg.train.get("seed", 0)))
     else:

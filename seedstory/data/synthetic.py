@@ -27,6 +27,7 @@ Deterministic: story ``i`` of seed ``s`` depends only on (s, i), never on the nu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -506,8 +507,6 @@ def follow_caption(st: _Story, caption: str, allow_travel: bool = True) -> Optio
     not on the first frame) with what lies in a place the story has not been yet. None otherwise (the caption is
     impossible, or says what only openings say). This is how a model's own caption joins a true story
     (``training.corrected_stories``)."""
-    import copy
-
     parsed = parse_caption(caption)
     if parsed is None:
         return None
@@ -545,18 +544,12 @@ def follow_caption(st: _Story, caption: str, allow_travel: bool = True) -> Optio
     if len(sentences) == 2:
         touched = {event.get("position")} | {st.chars[n]["position"] for n in busy_chars if n in st.chars}
         second = _event_of(st, sentences[1])
-        if second is None or second[0] == "travel":
+        if second is None or (second[0] in ("arrive", "move", "fetch") and second[-1] in touched):
             return None
-        chars = {x for x in second[1:] if x in CHARACTERS}
-        prop = (st.chars[second[1]]["holding"] if second[0] in ("leave", "drop", "give") and second[1] in st.chars
-                else st.here().get(st.chars[second[1]]["position"]) if second[0] == "pickup"
-                else st.here().get(second[2]) if second[0] == "fetch"
-                else st.away.get(second[1]) if second[0] == "arrive"
-                else "book" if second[0] == "act" and second[2] == "reads" else None)
-        if chars & busy_chars or (prop is not None and prop in busy_props) or (
-                second[0] in ("arrive", "move", "fetch") and second[-1] in touched):
+        _, event, chars, props = st.apply(second)  # (``st`` is this call's copy: a refusal changes nothing)
+        if chars & busy_chars or props & busy_props:
             return None
-        events.append(st.apply(second)[1])
+        events.append(event)
     return st, events
 
 
